@@ -1,0 +1,115 @@
+"""Self-adaptive (class-balanced) attention: per-voxel weights of each layer's reconstruction error.
+
+Each voxel gets the weight of its class, ``w_c = (n_max / n_c)^p`` (1 for absent classes), where the
+classes come from the float network's own prediction (or a label). A layer's map is built at that
+layer's own output resolution: the class scores are average-pooled to its shape and the class is
+re-derived there. Voxels outside the body (input zero in every channel) get 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AttentionMaps", "class_weights", "classes_from_scores", "label_to_scores"]
+
+_ADAPTIVE_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+_ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+
+
+def classes_from_scores(scores: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Per-voxel class membership (bool): ``(N, C, *S)`` for multi-class scores (channel 0 is their
+    background class), ``(N, C+1, *S)`` for multi-label ones (index 0: no channel on).
+
+    Args:
+        scores: logits ``(N, C, *S)``; for multi-class nets also a one-hot or averaged one-hot label.
+        multi_label: sigmoid channels (on where logit > 0, i.e. sigmoid > 0.5; background where none is on)
+            instead of one argmax class per voxel (channel 0 of a multi-class net is its background).
+    """
+    if multi_label:
+        on = scores > 0
+        background = ~on.any(dim=1, keepdim=True)
+        return torch.cat([background, on], dim=1)
+    n_classes = scores.shape[1]
+    return F.one_hot(scores.argmax(dim=1), n_classes).movedim(-1, 1).bool()
+
+
+def class_weights(membership: torch.Tensor, power: float = 0.5) -> torch.Tensor:
+    """``w_c = (n_max / n_c)^p`` from voxel counts; 1 for absent classes.
+
+    Args:
+        membership: ``(N, C, *S)`` bool class membership.
+        power: the exponent ``p``.
+    """
+    counts = membership.flatten(2).sum(dim=(0, 2)).to(torch.float64)
+    present = counts > 0
+    weights = torch.ones_like(counts)
+    if present.any():
+        n_max = counts.max()
+        weights[present] = (n_max / counts[present]) ** power
+    return weights
+
+
+def label_to_scores(label: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """A label ``(N, 1, *S)`` of class indices (or an already one-hot ``(N, C, *S)``) as float one-hot scores."""
+    if label.shape[1] == 1:
+        idx = label[:, 0].round().long()
+        n = int(num_classes) if num_classes is not None else int(idx.max()) + 1
+        return F.one_hot(idx.clamp_min(0), n).movedim(-1, 1).float()
+    return label.float()
+
+
+class AttentionMaps:
+    """Per-layer attention maps derived from one set of class scores.
+
+    Args:
+        scores: ``(N, C, *S)`` logits of the float network (or one-hot label scores).
+        body: ``(N, *S)`` bool, voxels inside the body (input non-zero in some channel); ``None``: all.
+        multi_label: scores are sigmoid logits (multi-label) instead of softmax logits / one-hot.
+        power: exponent ``p`` of the class weights.
+        weight_map: a precomputed full-resolution weight map ``(N, 1, *S)`` to pool instead of deriving
+            classes (e.g. from :class:`~monai_efficientq.transforms.AttentionMapd`).
+    """
+
+    def __init__(
+        self,
+        scores: torch.Tensor | None,
+        body: torch.Tensor | None,
+        multi_label: bool,
+        power: float = 0.5,
+        weight_map: torch.Tensor | None = None,
+    ) -> None:
+        self.scores = scores.float() if scores is not None else None
+        self.multi_label = multi_label
+        self.body = body
+        self.weight_map = weight_map.float() if weight_map is not None else None
+        self.weights = None
+        if self.scores is not None:
+            self.weights = class_weights(classes_from_scores(self.scores, multi_label), power)
+        self.spatial_dims = (self.scores if self.scores is not None else self.weight_map).dim() - 2
+
+    def full_resolution(self) -> torch.Tensor:
+        """The voxel map at the scores' own resolution ``(N, *S)``."""
+        ref = self.scores if self.scores is not None else self.weight_map
+        return self.for_shape(ref.shape[0], tuple(ref.shape[2:]))
+
+    def for_shape(self, batch: int, spatial: Sequence[int]) -> torch.Tensor | None:
+        """The map ``(N, *spatial)`` for a layer output of that shape, or ``None`` when it does not apply
+        (a different number of spatial dims or batch size: such a layer is weighted uniformly)."""
+        spatial = tuple(int(s) for s in spatial)
+        ref = self.scores if self.scores is not None else self.weight_map
+        if len(spatial) != self.spatial_dims or batch != ref.shape[0]:
+            return None
+        if self.weight_map is not None:
+            w = _ADAPTIVE_AVG[len(spatial)](self.weight_map, spatial)[:, 0].double()
+        else:
+            pooled = _ADAPTIVE_AVG[len(spatial)](self.scores, spatial)
+            member = classes_from_scores(pooled, self.multi_label).to(torch.float64)
+            w = (member * self.weights.to(member.device).view(1, -1, *([1] * len(spatial)))).amax(dim=1)
+            w = torch.where(member.sum(dim=1) > 0, w, torch.ones_like(w))
+        if self.body is not None:
+            inside = _ADAPTIVE_MAX[len(spatial)](self.body[:, None].float(), spatial)[:, 0] > 0
+            w = torch.where(inside, w, torch.ones_like(w))
+        return w

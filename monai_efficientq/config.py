@@ -1,0 +1,155 @@
+"""Configuration of one quantization run: :class:`EfficientQConfig` and its presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["EfficientQConfig", "PRESETS", "SUPPORTED_BITS"]
+
+SUPPORTED_BITS = range(2, 9)
+GRIDS = ("nozero", "int")
+METHODS = ("efficientq", "rtn")
+SCALE_MODES = ("tensor", "channel")
+ATTENTION_MODES = ("prediction", "label", "none")
+PREDICTION_TYPES = ("softmax", "sigmoid")
+ERROR_MODES = ("weighted", "unweighted")
+ACT_MODES = ("auto", "unsigned")
+SOLVERS = ("auto", "cholesky", "woodbury", "naive")
+
+# Choices that differ between the faithful reproduction of the published code ("original") and ours
+# ("default"). Everything else is shared.
+PRESETS: dict[str, dict[str, Any]] = {
+    "original": {
+        "weight_scale": "tensor",
+        "weight_grid": "nozero",
+        "best_iterate_error": "unweighted",
+        "act_mode": "unsigned",
+        "rtn_candidate": False,
+    },
+    "default": {
+        "weight_scale": "channel",
+        "weight_grid": "nozero",
+        "best_iterate_error": "weighted",
+        "act_mode": "auto",
+        "rtn_candidate": True,
+    },
+}
+
+
+def _check_bits(name: str, bits: int | None, allow_none: bool) -> None:
+    if bits is None and allow_none:
+        return
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        hint = " or None for float" if allow_none else ""
+        raise ValueError(
+            f"{name}={bits!r} is not supported: use an integer from 2 to 8{hint} "
+            f"(e.g. weight_bits=2, act_bits=2)."
+        )
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, choices))}.")
+
+
+@dataclass
+class EfficientQConfig:
+    """Settings of one post-training quantization run.
+
+    Fields left as ``None`` take the value of the chosen ``preset``; set them to override it.
+
+    Args:
+        weight_bits: bits of the weights of the inner layers (2..8).
+        act_bits: bits of the input activation of the inner layers, ``None`` keeps activations float.
+        method: ``"efficientq"`` (ADMM layer reconstruction) or ``"rtn"`` (round to nearest, same quantizers).
+        preset: ``"default"`` (ours) or ``"original"`` (the published code's choices: per-tensor scale,
+            no-zero grid, unweighted best-iterate error, activations clipped to ``[0, a]``).
+        weight_scale: ``"tensor"`` or ``"channel"`` (one scale per output channel).
+        weight_grid: ``"nozero"`` (``2^bits`` points evenly on ``[-a, a]``) or ``"int"``
+            (``[-2^(b-1), 2^(b-1)-1]·a``, contains zero).
+        act_mode: ``"auto"`` (unsigned grid for non-negative inputs, affine grid otherwise) or
+            ``"unsigned"`` (always ``[0, a]``, negatives clipped, as the original).
+        best_iterate_error: keep the ADMM iterate with the lowest ``"weighted"`` (attention) or
+            ``"unweighted"`` output error.
+        rtn_candidate: also consider the round-to-nearest weights as an iterate, so the solution is never
+            worse than RTN on the calibration data.
+        first_last_bits: weight bits of the first and last quantized layers (their input stays float).
+            ``None`` treats them like the others.
+        iterations: ADMM iterations per layer.
+        rho_step_every: ρ doubles (and the scaled dual halves) at every iteration ``i`` with
+            ``i % rho_step_every == 0``.
+        rho_factor: ``ρ0 = rho_factor · s``.
+        eta_factor: ``η = eta_factor · s``; the prior pulling weights toward the float ones.
+        rho_cap_factor: ρ never exceeds ``rho_cap_factor · s``.
+        attention: ``"prediction"`` (from the float network's own output), ``"label"`` (from ``label``
+            given to :func:`quantize_network`) or ``"none"``.
+        prediction: ``"softmax"`` (multi-class, argmax) or ``"sigmoid"`` (multi-label, threshold 0.5).
+        class_weight_power: ``p`` in ``w_c = (n_max / n_c)^p``.
+        solver: ``"auto"`` (Woodbury when output voxels < unknowns, else Cholesky), ``"cholesky"``,
+            ``"woodbury"`` or ``"naive"`` (a fresh ``torch.linalg.solve`` every iteration; reference).
+        solver_dtype: dtype name of the Gram matrices and ADMM iterates (``"float64"`` or ``"float32"``).
+        device: where layers are solved (``None``: the network's device).
+        target_device: where float targets are kept (``None``: the solve device; ``"cpu"`` saves GPU memory).
+        chunk_bytes: memory bound of one im2col chunk when accumulating Gram matrices.
+        act_fit_samples: at most this many values are used to fit an activation quantizer.
+        skip_layers: names of layers to leave in float.
+        progress: show a progress bar over layers.
+        seed: seed of the activation sub-sampling.
+    """
+
+    weight_bits: int = 2
+    act_bits: int | None = None
+    method: str = "efficientq"
+    preset: str = "default"
+    weight_scale: str | None = None
+    weight_grid: str | None = None
+    act_mode: str | None = None
+    best_iterate_error: str | None = None
+    rtn_candidate: bool | None = None
+    first_last_bits: int | None = 8
+    iterations: int = 200
+    rho_step_every: int = 50
+    rho_factor: float = 10.0
+    eta_factor: float = 1.0
+    rho_cap_factor: float = 1000.0
+    attention: str = "prediction"
+    prediction: str = "softmax"
+    class_weight_power: float = 0.5
+    solver: str = "auto"
+    solver_dtype: str = "float64"
+    device: str | None = None
+    target_device: str | None = None
+    chunk_bytes: int = 256 * 2**20
+    act_fit_samples: int = 2**20
+    skip_layers: list[str] = field(default_factory=list)
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("preset", self.preset, tuple(PRESETS))
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        _check_bits("weight_bits", self.weight_bits, allow_none=False)
+        _check_bits("act_bits", self.act_bits, allow_none=True)
+        _check_bits("first_last_bits", self.first_last_bits, allow_none=True)
+        _check_choice("method", self.method, METHODS)
+        _check_choice("weight_scale", self.weight_scale, SCALE_MODES)
+        _check_choice("weight_grid", self.weight_grid, GRIDS)
+        _check_choice("act_mode", self.act_mode, ACT_MODES)
+        _check_choice("best_iterate_error", self.best_iterate_error, ERROR_MODES)
+        _check_choice("attention", self.attention, ATTENTION_MODES)
+        _check_choice("prediction", self.prediction, PREDICTION_TYPES)
+        _check_choice("solver", self.solver, SOLVERS)
+        _check_choice("solver_dtype", self.solver_dtype, ("float64", "float32"))
+        if self.iterations < 1 or self.rho_step_every < 1:
+            raise ValueError("iterations and rho_step_every must be positive integers.")
+        if min(self.rho_factor, self.rho_cap_factor) <= 0 or self.eta_factor < 0:
+            raise ValueError("rho_factor and rho_cap_factor must be > 0 and eta_factor >= 0.")
+        self.skip_layers = list(self.skip_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a dict of primitives (for reports and checkpoints)."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,203 @@
+"""Each quantizable layer as a matrix problem: ``Y = W · X + b`` with ``W`` of shape ``(groups, C_out/groups, K)``.
+
+Convolutions become matrix products over im2col patches, built chunk by chunk with ``Tensor.unfold`` so
+memory stays bounded. A transposed convolution is the same problem on the zero-inserted input with the
+flipped, transposed kernel (stride 1), which :func:`conv_transpose_as_conv` implements and the tests check
+against ``F.conv_transpose*d``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "QUANTIZABLE_TYPES",
+    "is_quantizable",
+    "weight_matrix",
+    "matrix_to_weight",
+    "output_matrix",
+    "input_patches",
+    "equivalent_conv_input",
+    "conv_transpose_as_conv",
+    "layer_forward",
+    "num_output_voxels",
+]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+QUANTIZABLE_TYPES = _CONVS + _TRANSPOSED + (nn.Linear,)
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer type the solver handles (exact types, not arbitrary subclasses)."""
+    return type(module) in QUANTIZABLE_TYPES or (
+        isinstance(module, QUANTIZABLE_TYPES) and type(module).forward is _base_type(module).forward
+    )
+
+
+def _base_type(module: nn.Module) -> type:
+    for t in QUANTIZABLE_TYPES:
+        if isinstance(module, t):
+            return t
+    raise TypeError(f"{type(module).__name__} is not a quantizable layer.")
+
+
+def _groups(module: nn.Module) -> int:
+    return 1 if isinstance(module, nn.Linear) else int(module.groups)
+
+
+def weight_matrix(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer weight as ``(groups, C_out/groups, K)`` in equivalent-convolution layout.
+
+    Args:
+        module: a quantizable layer.
+        weight: a weight in ``module``'s own layout (default: ``module.weight``).
+    """
+    w = module.weight if weight is None else weight
+    g = _groups(module)
+    if isinstance(module, nn.Linear):
+        return w.reshape(1, w.shape[0], w.shape[1])
+    if isinstance(module, _TRANSPOSED):
+        c_in, c_out_g = w.shape[:2]
+        spatial = tuple(range(3, w.dim() + 1))
+        w = w.reshape(g, c_in // g, c_out_g, *w.shape[2:]).transpose(1, 2).flip(spatial)
+        return w.reshape(g, c_out_g, -1)
+    return w.reshape(g, w.shape[0] // g, -1)
+
+
+def matrix_to_weight(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`weight_matrix`: a ``(groups, C_out/groups, K)`` matrix in ``module``'s layout."""
+    shape = module.weight.shape
+    if isinstance(module, nn.Linear):
+        return matrix.reshape(shape)
+    g = _groups(module)
+    if isinstance(module, _TRANSPOSED):
+        c_in, c_out_g = shape[:2]
+        kernel = shape[2:]
+        w = matrix.reshape(g, c_out_g, c_in // g, *kernel)
+        w = w.flip(tuple(range(3, w.dim()))).transpose(1, 2)
+        return w.reshape(shape)
+    return matrix.reshape(shape)
+
+
+def output_matrix(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """A layer output as ``(groups, C_out/groups, P)``, ``P`` = batch × output voxels (or rows for Linear)."""
+    g = _groups(module)
+    if isinstance(module, nn.Linear):
+        return y.reshape(-1, y.shape[-1]).t().reshape(1, y.shape[-1], -1)
+    c_out = y.shape[1]
+    return y.transpose(0, 1).reshape(g, c_out // g, -1)
+
+
+def num_output_voxels(module: nn.Module, y: torch.Tensor) -> int:
+    """``P``: the number of columns of :func:`output_matrix`."""
+    return y.numel() // (y.shape[-1] if isinstance(module, nn.Linear) else y.shape[1])
+
+
+def equivalent_conv_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """The padded input of the stride/dilation-equivalent plain convolution of ``module``.
+
+    Returns:
+        ``(padded input, stride, dilation)`` of a convolution with padding 0 that, with the weight of
+        :func:`weight_matrix`, gives ``module``'s output.
+    """
+    nd = x.dim() - 2
+    if isinstance(module, _TRANSPOSED):
+        stride, dil = module.stride, module.dilation
+        kernel, pad, out_pad = module.kernel_size, module.padding, module.output_padding
+        # zero insertion: stride-1 zeros between input samples
+        shape = [x.shape[0], x.shape[1]] + [(n - 1) * s + 1 for n, s in zip(x.shape[2:], stride)]
+        z = x.new_zeros(shape)
+        z[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)] = x
+        pads: list[int] = []
+        for i in reversed(range(nd)):
+            edge = dil[i] * (kernel[i] - 1) - pad[i]
+            pads += [edge, edge + out_pad[i]]
+        return _pad_or_crop(z, pads), (1,) * nd, tuple(dil)
+    pads = list(module._reversed_padding_repeated_twice)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    xp = F.pad(x, pads, mode=mode) if any(pads) else x
+    return xp, tuple(module.stride), tuple(module.dilation)
+
+
+def _pad_or_crop(x: torch.Tensor, pads: list[int]) -> torch.Tensor:
+    """``F.pad`` with negative entries meaning a crop (as ``F.pad`` does for constant mode)."""
+    return F.pad(x, pads) if any(pads) else x
+
+
+def _output_size(n: int, k: int, s: int, d: int) -> int:
+    return (n - d * (k - 1) - 1) // s + 1
+
+
+def input_patches(
+    module: nn.Module, x: torch.Tensor, chunk_bytes: int, dtype: torch.dtype
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(columns, patches)`` chunks of the layer's im2col matrix.
+
+    ``patches`` has shape ``(groups, K, P_chunk)`` and dtype ``dtype``; ``columns`` is the slice of the
+    ``P`` output columns (see :func:`output_matrix`) it covers. At most about ``chunk_bytes`` are built
+    at a time.
+    """
+    g = _groups(module)
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+        step = max(1, chunk_bytes // (rows.shape[1] * rows.element_size() * 2))
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start : start + step].t().to(dtype)
+            yield slice(start, start + chunk.shape[1]), chunk.reshape(1, rows.shape[1], -1)
+        return
+    xp, stride, dil = equivalent_conv_input(module, x)
+    kernel = module.kernel_size
+    n_batch, c_in = xp.shape[:2]
+    out_sizes = [_output_size(n, k, s, d) for n, k, s, d in zip(xp.shape[2:], kernel, stride, dil)]
+    rest = math.prod(out_sizes[1:])
+    k_total = c_in * math.prod(kernel)
+    bytes_per_row = k_total * rest * torch.finfo(dtype).bits // 8 * 2
+    rows_per_chunk = max(1, chunk_bytes // max(bytes_per_row, 1))
+    offset = 0
+    for n in range(n_batch):
+        for start in range(0, out_sizes[0], rows_per_chunk):
+            stop = min(start + rows_per_chunk, out_sizes[0])
+            lo = start * stride[0]
+            hi = (stop - 1) * stride[0] + dil[0] * (kernel[0] - 1) + 1
+            patch = xp[n : n + 1, :, lo:hi]
+            for i in range(len(kernel)):
+                span = dil[i] * (kernel[i] - 1) + 1
+                patch = patch.unfold(2 + i, span, stride[i])
+                if dil[i] > 1:
+                    patch = patch[..., :: dil[i]]
+            nd = len(kernel)
+            # (1, C, o1..on, k1..kn) -> (C, k1..kn, 1, o1..on)
+            perm = [1] + list(range(2 + nd, 2 + 2 * nd)) + [0] + list(range(2, 2 + nd))
+            cols = patch.permute(perm).to(dtype).reshape(g, k_total // g, -1)
+            width = cols.shape[-1]
+            yield slice(offset, offset + width), cols
+            offset += width
+
+
+def conv_transpose_as_conv(module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """A transposed convolution computed as a plain convolution of the zero-inserted input (for tests)."""
+    xp, stride, dil = equivalent_conv_input(module, x)
+    w = weight_matrix(module, weight)
+    g, c_out_g = w.shape[:2]
+    kernel = module.kernel_size
+    conv_w = w.reshape(g * c_out_g, -1, *kernel)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
+    return conv(xp, conv_w, module.bias, stride=stride, dilation=dil, groups=g)
+
+
+def layer_forward(
+    module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``module``'s forward with another weight and bias (in ``module``'s own layout)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(module, _TRANSPOSED):
+        fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(module.kernel_size)]
+        return fn(x, weight, bias, module.stride, module.padding, module.output_padding, module.groups, module.dilation)
+    return module._conv_forward(x, weight, bias)

@@ -1,0 +1,433 @@
+"""The network driver: :func:`quantize_network`, the one verb of the package.
+
+Order of work (SPEC §1.1): fold BatchNorm, record float targets, build attention from the float
+prediction, then one forward pass in which every quantizable layer, when reached, fits its input quantizer
+on the input as it arrives through the already-quantized layers before it, solves its weights and passes its
+quantized output on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attention import AttentionMaps, label_to_scores
+from .config import EfficientQConfig
+from .folding import find_conv_bn_pairs, fold_batchnorm, set_submodule
+from .layers import QUANTIZABLE_TYPES, input_patches, is_quantizable, num_output_voxels, output_matrix, weight_matrix
+from .modules import QuantizedMixin, build_quantized
+from .quantizer import ActQuantizer, UniformGrid
+from .report import LayerRecord, QuantizationReport
+from .solver import LayerSolver, SolverSettings
+
+__all__ = ["quantize_network", "prepare_calibration", "quantizable_layers", "LayerCalledTwiceError"]
+
+_logger = logging.getLogger("monai_efficientq")
+
+_FLOAT_BY_DESIGN = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.PReLU,
+)
+
+
+class LayerCalledTwiceError(RuntimeError):
+    """A quantizable layer was called more than once in one forward pass (shared weights)."""
+
+
+def quantizable_layers(net: nn.Module, skip: list[str] | None = None) -> dict[str, nn.Module]:
+    """Quantizable layers of ``net`` by name (registration order), without those named in ``skip``."""
+    skip = set(skip or [])
+    return {n: m for n, m in net.named_modules() if is_quantizable(m) and n not in skip}
+
+
+def _as_tensor(data: Any, what: str) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        t = data.as_tensor() if hasattr(data, "as_tensor") else data
+    elif isinstance(data, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(data))
+    else:
+        raise TypeError(f"{what} must be a torch.Tensor, MetaTensor or numpy array, got {type(data).__name__}.")
+    return t.detach().float()
+
+
+def prepare_calibration(net: nn.Module, calib_volume: Any) -> torch.Tensor:
+    """Check a calibration volume against the network and return it as a float ``(N, C, *S)`` tensor.
+
+    Raises:
+        ValueError: wrong number of dimensions or channels, NaN/Inf values, or an all-zero volume.
+    """
+    x = _as_tensor(calib_volume, "calib_volume")
+    first = next((m for m in net.modules() if isinstance(m, QUANTIZABLE_TYPES)), None)
+    if first is None:
+        raise ValueError(f"{type(net).__name__} has no Conv, ConvTranspose or Linear layer to quantize.")
+    if not isinstance(first, nn.Linear):
+        spatial = len(first.kernel_size)
+        if x.dim() == spatial + 1:
+            x = x.unsqueeze(0)
+        if x.dim() != spatial + 2:
+            raise ValueError(
+                f"calibration volume has shape {tuple(x.shape)}, but the network's first layer is a {spatial}D "
+                f"convolution: pass a channel-first volume (C, {', '.join('DHW'[-spatial:])}) or a batch "
+                f"(N, C, ...)."
+            )
+        expected = first.in_channels
+        if x.shape[1] != expected:
+            raise ValueError(
+                f"calibration volume has {x.shape[1]} channel(s) but the network's first layer expects "
+                f"{expected}: pass a channel-first volume with {expected} channel(s) (e.g. EnsureChannelFirst, "
+                f"or stack the modalities the network was trained on)."
+            )
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise ValueError(
+            f"calibration volume contains {bad} NaN/Inf value(s): clean it (e.g. torch.nan_to_num) or use "
+            f"another volume."
+        )
+    if not bool((x != 0).any()):
+        raise ValueError("calibration volume is all zeros: it carries no signal to calibrate on; use a real image.")
+    return x
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def _state_bytes(net: nn.Module) -> int:
+    return sum(t.numel() * 4 for t in net.state_dict().values() if t.is_floating_point())
+
+
+class _TargetRecorder:
+    """Forward hooks that store a copy of each layer's output and the call order."""
+
+    def __init__(self, layers: dict[str, nn.Module], target_device: torch.device) -> None:
+        self.targets: dict[str, torch.Tensor] = {}
+        self.order: list[str] = []
+        self.target_device = target_device
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module, inputs, output):
+            if name in self.targets:
+                raise LayerCalledTwiceError(
+                    f"layer '{name}' was called twice in one forward pass (shared weights): EfficientQ solves each "
+                    f"layer once for one input. Give each call its own layer, or list '{name}' in skip_layers."
+                )
+            # a copy, not a view: in-place ops later in the forward must not change the stored target
+            self.targets[name] = output.detach().to(self.target_device, copy=True)
+            self.order.append(name)
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _PendingLayer(nn.Module):
+    """Stands in for a float layer during the quantizing pass: solves it when reached."""
+
+    def __init__(self, name: str, layer: nn.Module, run: _QuantizingRun) -> None:
+        super().__init__()
+        self.name = name
+        self.layer = layer
+        self.run = run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run.quantize_layer(self.name, self.layer, x)
+
+
+class _QuantizingRun:
+    """State of one quantizing pass."""
+
+    def __init__(
+        self,
+        cfg: EfficientQConfig,
+        targets: dict[str, torch.Tensor],
+        order: list[str],
+        attention: AttentionMaps | None,
+        device: torch.device,
+        log: logging.Logger,
+        progress: Any,
+    ) -> None:
+        self.cfg = cfg
+        self.targets = targets
+        self.order = order
+        self.attention = attention
+        self.device = device
+        self.log = log
+        self.progress = progress
+        self.dtype = getattr(torch, cfg.solver_dtype)
+        self.quantized: dict[str, nn.Module] = {}
+        self.records: list[LayerRecord] = []
+        self.settings = SolverSettings(
+            iterations=cfg.iterations, rho_step_every=cfg.rho_step_every, rho_factor=cfg.rho_factor,
+            eta_factor=cfg.eta_factor, rho_cap_factor=cfg.rho_cap_factor,
+            best_iterate_error=cfg.best_iterate_error, rtn_candidate=bool(cfg.rtn_candidate),
+            solver=cfg.solver, method=cfg.method,
+        )
+
+    def _bits(self, name: str) -> tuple[int, int | None]:
+        cfg = self.cfg
+        edge = name in (self.order[0], self.order[-1])
+        if edge and cfg.first_last_bits is not None:
+            return cfg.first_last_bits, None
+        return cfg.weight_bits, cfg.act_bits
+
+    @torch.no_grad()
+    def quantize_layer(self, name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if name in self.quantized:
+            raise LayerCalledTwiceError(f"layer '{name}' was called twice in the quantizing pass (shared weights).")
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        weight_bits, act_bits = self._bits(name)
+        act_quant = None
+        xq = x
+        if act_bits is not None:
+            signed = cfg.act_mode == "auto" and bool((x < 0).any())
+            act_quant = ActQuantizer(act_bits, signed=signed).fit(x, cfg.act_fit_samples, cfg.seed).to(x.device)
+            xq = act_quant(x)
+        y = self.targets.pop(name)
+        y_mat = output_matrix(layer, y)
+        h_map = None
+        if self.attention is not None and not isinstance(layer, nn.Linear):
+            h_map = self.attention.for_shape(y.shape[0], y.shape[2:])
+        h = h_map.reshape(-1).to(self.device) if h_map is not None else None
+        bias = layer.bias.detach().reshape(y_mat.shape[0], y_mat.shape[1]) if layer.bias is not None else None
+        grid = UniformGrid(weight_bits, cfg.weight_grid)
+        solver = LayerSolver(
+            weight_matrix(layer).detach().to(self.device), bias.to(self.device) if bias is not None else None,
+            grid, cfg.weight_scale == "channel", self.settings, num_output_voxels(layer, y), self.dtype,
+        )
+        for cols, patches in input_patches(layer, xq.to(self.device), cfg.chunk_bytes, self.dtype):
+            solver.add(patches, y_mat[..., cols].to(self.device), h[cols] if h is not None else None)
+        del y, y_mat
+        sol = solver.solve(attention_mean=float(h.mean()) if h is not None else 1.0)
+        q_bias = sol.bias.reshape(-1).to(layer.weight.dtype) if sol.bias is not None else None
+        qlayer = build_quantized(
+            layer, sol.codes, sol.scale.to(torch.float32), q_bias, weight_bits, cfg.weight_grid,
+            cfg.weight_scale == "channel", act_quant,
+        )
+        self.quantized[name] = qlayer
+        record = LayerRecord(
+            name=name, type=type(layer).__name__, shape=list(layer.weight.shape), weight_bits=weight_bits,
+            act_bits=act_bits, act_signed=act_quant.signed if act_quant is not None else None,
+            rtn_error=sol.rtn_error, error=sol.error, rtn_error_weighted=sol.rtn_error_weighted,
+            error_weighted=sol.error_weighted, best_iteration=sol.best_iteration, solver=sol.solver,
+            seconds=time.perf_counter() - t0,
+        )
+        self.records.append(record)
+        self.log.info(
+            "%s %s W%d A%s: output error RTN %.4g -> %s %.4g (%.2f s)", name, record.type, weight_bits,
+            act_bits if act_bits is not None else "-", record.rtn_error, cfg.method, record.error, record.seconds,
+        )
+        if self.progress is not None:
+            self.progress.update(1)
+        return qlayer(x)
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency, but stay usable without it
+        return None
+    return tqdm(total=total, desc="EfficientQ layers", unit="layer", leave=False)
+
+
+def _float_layer_list(net: nn.Module, layers: dict[str, nn.Module], reached: list[str], cfg: EfficientQConfig) -> list:
+    out = []
+    for name, module in net.named_modules():
+        if name in layers and name not in reached:
+            out.append({"name": name, "type": type(module).__name__, "reason": "never called in forward; left float"})
+        elif name in cfg.skip_layers:
+            out.append({"name": name, "type": type(module).__name__, "reason": "skipped by config"})
+        elif name not in layers and not isinstance(module, QuantizedMixin):
+            if is_quantizable(module):
+                continue
+            own = list(module.parameters(recurse=False))
+            if not own:
+                continue
+            if isinstance(module, QUANTIZABLE_TYPES):
+                reason = f"subclass of {type(module).__mro__[1].__name__} with its own forward; cannot quantize, left float"
+            elif isinstance(module, _FLOAT_BY_DESIGN):
+                reason = "normalization/activation; float by design"
+            else:
+                reason = "unsupported layer type; left float"
+            out.append({"name": name, "type": type(module).__name__, "reason": reason})
+    return out
+
+
+def _agreement_dice(ref: torch.Tensor, out: torch.Tensor, multi_label: bool) -> dict[str, float]:
+    if ref.dim() < 3:
+        return {}
+    if multi_label:
+        a, b = ref > 0, out > 0
+    else:
+        n = ref.shape[1]
+        a = torch.nn.functional.one_hot(ref.argmax(1), n).movedim(-1, 1).bool()
+        b = torch.nn.functional.one_hot(out.argmax(1), n).movedim(-1, 1).bool()
+    dice = {}
+    for c in range(a.shape[1]):
+        inter = (a[:, c] & b[:, c]).sum().item()
+        total = a[:, c].sum().item() + b[:, c].sum().item()
+        dice[f"class{c}"] = 2 * inter / total if total else 1.0
+    return dice
+
+
+@torch.no_grad()
+def quantize_network(
+    net: nn.Module,
+    calib_volume: Any,
+    config: EfficientQConfig | None = None,
+    label: Any = None,
+    attention_map: Any = None,
+    logger: logging.Logger | None = None,
+) -> tuple[nn.Module, QuantizationReport]:
+    """Quantize a trained float network post-training from one calibration volume.
+
+    The input network is not changed: a copy is folded and quantized.
+
+    Args:
+        net: the trained float network (any torch module built from Conv/ConvTranspose/Linear layers).
+        calib_volume: one calibration volume, channel-first ``(C, *S)`` or batched ``(N, C, *S)``
+            (tensor, MetaTensor or numpy array), preprocessed as the network expects, of a size it accepts.
+        config: the settings (default ``EfficientQConfig()``: W2, float activations, 8-bit first/last).
+        label: a label of the calibration volume (class indices ``(N|1, 1, *S)`` or one-hot), used when
+            ``config.attention == "label"``.
+        attention_map: a precomputed full-resolution attention map ``(N|1, 1, *S)`` (overrides label/prediction).
+        logger: where per-layer results are logged (default: the ``monai_efficientq`` logger).
+
+    Returns:
+        ``(quantized network, report)``. The quantized network holds :mod:`~monai_efficientq.modules`
+        layers; save it with :func:`~monai_efficientq.checkpoint.save_quantized`.
+    """
+    cfg = config if config is not None else EfficientQConfig()
+    log = logger or _logger
+    t_start = time.perf_counter()
+    param = next(net.parameters(), None)
+    device = torch.device(cfg.device) if cfg.device else (param.device if param is not None else torch.device("cpu"))
+    target_device = torch.device(cfg.target_device) if cfg.target_device else device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    x = prepare_calibration(net, calib_volume).to(device)
+
+    qnet = copy.deepcopy(net).eval().to(device)
+    float_bytes = _state_bytes(qnet)
+    pairs, float_out = _fold(qnet, net, x, log)
+
+    layers = quantizable_layers(qnet, cfg.skip_layers)
+    recorder = _TargetRecorder(layers, target_device)
+    try:
+        folded_out = _first_tensor(qnet(x))
+    finally:
+        recorder.remove()
+    if pairs and not torch.allclose(folded_out, float_out, rtol=1e-3, atol=1e-4 * float(float_out.abs().max())):
+        log.warning("Folding BatchNorm changed the float output; quantizing without folding instead.")
+        qnet = copy.deepcopy(net).eval().to(device)
+        pairs = []
+        layers = quantizable_layers(qnet, cfg.skip_layers)
+        recorder = _TargetRecorder(layers, target_device)
+        try:
+            qnet(x)
+        finally:
+            recorder.remove()
+    if not recorder.order:
+        raise ValueError(f"no quantizable layer of {type(net).__name__} was called in its forward pass.")
+
+    attention = _attention(cfg, float_out, x, label, attention_map)
+    progress = _progress_bar(len(recorder.order), cfg.progress)
+    run = _QuantizingRun(cfg, recorder.targets, recorder.order, attention, device, log, progress)
+    log.info(
+        "EfficientQ: %d layers, %s W%d A%s, preset %s, on %s", len(recorder.order), cfg.method, cfg.weight_bits,
+        cfg.act_bits if cfg.act_bits is not None else "-", cfg.preset, device,
+    )
+    for name in recorder.order:
+        set_submodule(qnet, name, _PendingLayer(name, layers[name], run))
+    try:
+        q_out = qnet(x)
+    finally:
+        if progress is not None:
+            progress.close()
+        for name in recorder.order:
+            set_submodule(qnet, name, run.quantized.get(name, layers[name]))
+    qnet.efficientq_info = {"folded_batchnorm": [list(p) for p in pairs], "config": cfg.to_dict()}
+
+    from .checkpoint import packed_size
+
+    peak, kind = _peak_memory(device)
+    report = QuantizationReport(
+        config=cfg.to_dict(), layers=run.records, float_layers=_float_layer_list(qnet, layers, recorder.order, cfg),
+        folded_batchnorm=[list(p) for p in pairs], total_seconds=time.perf_counter() - t_start,
+        peak_memory_mb=peak, peak_memory_kind=kind, float_bytes=float_bytes, packed_bytes=packed_size(qnet),
+        calibration_shape=list(x.shape), device=str(device),
+        calib_agreement_dice=_agreement_dice(float_out, q_out, cfg.prediction == "sigmoid"),
+    )
+    log.info(
+        "EfficientQ done in %.1f s: %d layers quantized, %d left float, %.1fx smaller.",
+        report.total_seconds, len(report.layers), len(report.float_layers), report.compression,
+    )
+    return qnet, report
+
+
+def _fold(qnet: nn.Module, net: nn.Module, x: torch.Tensor, log: logging.Logger) -> tuple[list, torch.Tensor]:
+    """Fold Conv→BatchNorm pairs of ``qnet`` in place; returns the pairs and the float output on ``x``."""
+    try:
+        pairs, output = find_conv_bn_pairs(qnet, x)
+    except Exception as err:
+        raise RuntimeError(
+            f"the float network failed on the calibration volume of shape {tuple(x.shape)}: {err}. Check that the "
+            f"volume has the size the network accepts (e.g. divisible by its down-sampling factor) and channels."
+        ) from err
+    float_out = _first_tensor(output).clone()
+    if pairs:
+        fold_batchnorm(qnet, pairs)
+        log.info("Folded %d BatchNorm layers into the preceding convolutions.", len(pairs))
+    return pairs, float_out
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict):
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    raise TypeError(f"cannot use network output of type {type(out).__name__}")
+
+
+def _attention(
+    cfg: EfficientQConfig, float_out: torch.Tensor, x: torch.Tensor, label: Any, attention_map: Any
+) -> AttentionMaps | None:
+    body = (x != 0).any(dim=1)
+    multi_label = cfg.prediction == "sigmoid"
+    if attention_map is not None:
+        amap = _as_tensor(attention_map, "attention_map").to(x.device)
+        amap = amap if amap.dim() == x.dim() else amap.unsqueeze(0)
+        return AttentionMaps(None, body, multi_label, cfg.class_weight_power, weight_map=amap)
+    if cfg.attention == "none" or float_out.dim() != x.dim():
+        return None
+    if cfg.attention == "label":
+        if label is None:
+            raise ValueError('attention="label" needs the calibration label: pass label=... to quantize_network.')
+        lab = _as_tensor(label, "label").to(x.device)
+        lab = lab if lab.dim() == x.dim() else lab.unsqueeze(0)
+        scores = lab.float() if multi_label else label_to_scores(lab, float_out.shape[1])
+        if multi_label:
+            scores = scores * 2 - 1  # one-hot {0,1} -> logits whose sign marks "on"
+        return AttentionMaps(scores, body, multi_label, cfg.class_weight_power)
+    return AttentionMaps(float_out, body, multi_label, cfg.class_weight_power)

@@ -1,0 +1,303 @@
+"""Uniform quantization grids, the joint least-squares scale fit, activation quantizers and bit packing.
+
+Every grid here is uniform: ``level(k) = first + step · k`` for integer codes ``k`` in ``[0, 2^bits)``,
+multiplied by a fitted scale ``a``. Codes are what the checkpoint stores (bit-packed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "UniformGrid",
+    "fit_scale",
+    "quantize_rtn",
+    "ActQuantizer",
+    "pack_codes",
+    "unpack_codes",
+]
+
+
+@dataclass(frozen=True)
+class UniformGrid:
+    """A grid of ``2^bits`` evenly spaced normalised levels.
+
+    Args:
+        bits: number of bits (``2^bits`` levels).
+        kind: ``"nozero"``: levels evenly on ``[-1, 1]`` (no zero for any bit width, e.g. 2 bits:
+            ``{-1, -1/3, 1/3, 1}``); ``"int"``: the integers ``[-2^(b-1), 2^(b-1) - 1]`` (contains zero);
+            ``"unsigned"``: evenly on ``[0, 1]``.
+    """
+
+    bits: int
+    kind: str
+
+    @property
+    def num_levels(self) -> int:
+        return 2**self.bits
+
+    @property
+    def first(self) -> float:
+        return {"nozero": -1.0, "int": -float(2 ** (self.bits - 1)), "unsigned": 0.0}[self.kind]
+
+    @property
+    def step(self) -> float:
+        last = self.num_levels - 1
+        return {"nozero": 2.0 / last, "int": 1.0, "unsigned": 1.0 / last}[self.kind]
+
+    @property
+    def max_abs(self) -> float:
+        return max(abs(self.first), abs(self.first + self.step * (self.num_levels - 1)))
+
+    def codes(self, normalised: torch.Tensor) -> torch.Tensor:
+        """Nearest code of each normalised value (``value / scale``), as int64."""
+        k = torch.round((normalised - self.first) / self.step)
+        return k.clamp_(0, self.num_levels - 1).to(torch.int64)
+
+    def levels(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Normalised level of each code."""
+        return codes.to(dtype) * self.step + self.first
+
+
+def _rows(values: torch.Tensor, per_row: bool) -> torch.Tensor:
+    return values.reshape(values.shape[0], -1) if per_row else values.reshape(1, -1)
+
+
+def _sq_error(v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = grid.codes(v / scale)
+    err = (v - scale * grid.levels(codes, v.dtype)).pow(2).sum(dim=1, keepdim=True)
+    return err, codes
+
+
+def fit_scale(
+    values: torch.Tensor,
+    grid: UniformGrid,
+    per_row: bool = False,
+    init: torch.Tensor | None = None,
+    max_iter: int = 50,
+    rtol: float = 1e-7,
+    coarse_points: int = 12,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit scale(s) and codes jointly by alternating least squares, in float64.
+
+    Starting from the best of a few candidate scales (``mean|v|`` and either ``init`` or, without it, a
+    coarse sweep below ``max|v|``), it alternates ``B = round_to_grid(v / a)`` and ``a = <B, v> / <B, B>``, which never
+    increases the squared error, until the relative change of ``a`` is below ``rtol`` or ``max_iter``
+    is reached. It never raises on non-convergence: the best scale seen is returned with its own codes.
+
+    Args:
+        values: the tensor to quantize. With ``per_row`` its first dimension indexes the rows
+            (output channels), each with its own scale.
+        grid: the normalised grid.
+        per_row: one scale per row of ``values`` instead of one for the whole tensor.
+        init: an extra starting scale (a scalar or one per row), e.g. the previous ADMM iterate's.
+        max_iter: iteration cap of the alternation.
+        rtol: relative tolerance on the scale change.
+        coarse_points: number of scales of the initial sweep.
+
+    Returns:
+        ``(scale, codes)``: scale of shape ``(rows, 1)`` (float64; 0 for an all-zero row) and int64 codes
+        shaped like ``values``.
+    """
+    shape = values.shape
+    v = _rows(values.detach(), per_row).to(torch.float64)
+    absmax = v.abs().amax(dim=1, keepdim=True)
+    zero_rows = absmax == 0
+    safe_max = torch.where(zero_rows, torch.ones_like(absmax), absmax)
+
+    candidates = [v.abs().mean(dim=1, keepdim=True).clamp_min(1e-300)]
+    if init is None:  # cold start: sweep; a warm start (e.g. the previous ADMM iterate) needs none
+        for frac in torch.linspace(0.15, 1.0, coarse_points, dtype=torch.float64).tolist():
+            candidates.append(safe_max * frac / grid.max_abs)
+    else:
+        init_t = torch.as_tensor(init, dtype=torch.float64, device=v.device).reshape(-1, 1).expand_as(absmax)
+        candidates.append(torch.where(init_t > 0, init_t, safe_max / grid.max_abs))
+
+    best_err = torch.full_like(absmax, math.inf)
+    best_scale = candidates[0].clone()
+    for cand in candidates:
+        cand = torch.where(zero_rows, torch.ones_like(cand), cand)
+        err, _ = _sq_error(v, cand, grid)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, cand, best_scale)
+
+    scale = best_scale
+    for _ in range(max_iter):
+        codes = grid.codes(v / scale)
+        levels = grid.levels(codes, torch.float64)
+        denom = (levels * levels).sum(dim=1, keepdim=True)
+        new_scale = torch.where(denom > 0, (levels * v).sum(dim=1, keepdim=True) / denom.clamp_min(1e-300), scale)
+        new_scale = torch.where(new_scale > 0, new_scale, scale)
+        err, _ = _sq_error(v, new_scale, grid)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, new_scale, best_scale)
+        change = ((new_scale - scale).abs() / scale).max()
+        scale = new_scale
+        if change <= rtol:
+            break
+
+    best_scale = torch.where(zero_rows, torch.zeros_like(best_scale), best_scale)
+    codes = grid.codes(v / torch.where(zero_rows, torch.ones_like(best_scale), best_scale))
+    return best_scale, codes.reshape(shape)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, grid: UniformGrid, dtype: torch.dtype) -> torch.Tensor:
+    """``scale · level(codes)``, with ``scale`` of shape ``(rows, 1)`` broadcast over rows of ``codes``."""
+    rows = codes.reshape(scale.shape[0], -1)
+    return (scale.to(dtype) * grid.levels(rows, dtype)).reshape(codes.shape)
+
+
+def quantize_rtn(
+    values: torch.Tensor, grid: UniformGrid, per_row: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest quantization with the least-squares scale.
+
+    Returns:
+        ``(dequantized values, scale, codes)``.
+    """
+    scale, codes = fit_scale(values, grid, per_row=per_row)
+    return dequantize(codes, scale, grid, values.dtype), scale, codes
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor fake quantizer of a layer's input: ``x̂ = offset + step · clamp(round((x - offset)/step))``.
+
+    An unsigned quantizer has ``offset = 0`` (grid ``{0, 1/(L-1), …, 1}·a``); an affine one fits both
+    ``offset`` and ``step``. Fit it with :meth:`fit`; its state is two scalar buffers.
+
+    Args:
+        bits: bits of the activation codes (2..8).
+        signed: affine grid (fits an offset) instead of the unsigned one.
+    """
+
+    def __init__(self, bits: int, signed: bool = False) -> None:
+        super().__init__()
+        self.bits = int(bits)
+        self.signed = bool(signed)
+        self.register_buffer("step", torch.ones(()))
+        self.register_buffer("offset", torch.zeros(()))
+
+    @property
+    def num_levels(self) -> int:
+        return 2**self.bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.step.to(x.dtype)
+        offset = self.offset.to(x.dtype)
+        k = torch.clamp(torch.round((x - offset) / step), 0, self.num_levels - 1)
+        return k * step + offset
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, step={float(self.step):.4g}, offset={float(self.offset):.4g}"
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, max_samples: int = 2**20, seed: int = 0, max_iter: int = 50) -> ActQuantizer:
+        """Fit ``step`` (and ``offset`` if signed) to ``x`` by alternating least squares in float64.
+
+        Args:
+            x: calibration activations (any shape).
+            max_samples: fit on at most this many values, drawn with a seeded generator.
+            seed: seed of the sub-sampling.
+            max_iter: iteration cap of the alternation.
+        """
+        flat = x.detach().reshape(-1)
+        if flat.numel() > max_samples:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            idx = torch.randint(0, flat.numel(), (max_samples,), generator=gen).to(flat.device)
+            flat = flat[idx]
+        v = flat.to(torch.float64)
+        if not self.signed:
+            scale, _ = fit_scale(v.clamp_min(0), UniformGrid(self.bits, "unsigned"))
+            step = float(scale) / (self.num_levels - 1)
+            self.step.fill_(step if step > 0 else 1.0)
+            self.offset.zero_()
+            return self
+        offset, step = _fit_affine(v, self.num_levels, max_iter)
+        self.step.fill_(step)
+        self.offset.fill_(offset)
+        return self
+
+
+def _fit_affine(v: torch.Tensor, num_levels: int, max_iter: int) -> tuple[float, float]:
+    """Least-squares ``(offset, step)`` of ``v ≈ offset + step·k``, best of a few clipping ranges."""
+    last = num_levels - 1
+    lo_all, hi_all = float(v.min()), float(v.max())
+    if hi_all <= lo_all:
+        return lo_all, 1.0
+    sorted_v = v.sort().values
+    best = (math.inf, lo_all, (hi_all - lo_all) / last)
+    for q in (0.0, 1e-4, 1e-3, 1e-2, 3e-2):
+        i_lo = int(q * (sorted_v.numel() - 1))
+        lo, hi = float(sorted_v[i_lo]), float(sorted_v[sorted_v.numel() - 1 - i_lo])
+        step = (hi - lo) / last if hi > lo else (hi_all - lo_all) / last
+        offset = lo
+        for _ in range(max_iter):
+            k = torch.clamp(torch.round((v - offset) / step), 0, last)
+            err = float((v - offset - step * k).pow(2).sum())
+            if err < best[0]:
+                best = (err, offset, step)
+            # 2x2 normal equations of v = offset + step * k
+            n, sk, skk = float(v.numel()), float(k.sum()), float((k * k).sum())
+            sv, skv = float(v.sum()), float((k * v).sum())
+            det = n * skk - sk * sk
+            if det <= 0:
+                break
+            new_offset = (skk * sv - sk * skv) / det
+            new_step = (n * skv - sk * sv) / det
+            if new_step <= 0:
+                break
+            moved = abs(new_step - step) / step + abs(new_offset - offset) / (abs(step) * last)
+            offset, step = new_offset, new_step
+            if moved < 1e-7:
+                break
+        k = torch.clamp(torch.round((v - offset) / step), 0, last)
+        err = float((v - offset - step * k).pow(2).sum())
+        if err < best[0]:
+            best = (err, offset, step)
+    return best[1], best[2]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit-pack integer codes in ``[0, 2^bits)`` into a flat uint8 tensor (little-endian bit order).
+
+    Args:
+        codes: integer tensor of any shape.
+        bits: bits per code, 1..8.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits} cannot be packed: use 1..8.")
+    flat = codes.reshape(-1).to(torch.int64).cpu()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
+        raise ValueError(f"codes out of range for {bits} bits: [{int(flat.min())}, {int(flat.max())}].")
+    if bits == 8:
+        return flat.to(torch.uint8)
+    shifts = torch.arange(bits, dtype=torch.int64)
+    bit_stream = ((flat[:, None] >> shifts) & 1).reshape(-1)
+    pad = (-bit_stream.numel()) % 8
+    if pad:
+        bit_stream = torch.cat([bit_stream, bit_stream.new_zeros(pad)])
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int64)
+    return (bit_stream.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as int64."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits} cannot be unpacked: use 1..8.")
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError("packed codes must be a flat uint8 tensor.")
+    needed = math.ceil(numel * bits / 8)
+    if packed.numel() != needed:
+        raise ValueError(f"{packed.numel()} packed bytes do not hold {numel} codes of {bits} bits ({needed} needed).")
+    data = packed.to(torch.int64)
+    if bits == 8:
+        return data[:numel].clone()
+    bit_stream = ((data[:, None] >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)[: numel * bits]
+    weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int64)
+    return (bit_stream.reshape(numel, bits) * weights).sum(dim=1)

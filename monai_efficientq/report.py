@@ -1,0 +1,168 @@
+"""The quantization report: per-layer results, totals and (when measured) Dice, as JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerRecord", "QuantizationReport", "atomic_write_text"]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    from .checkpoint import atomic_write
+
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+@dataclass
+class LayerRecord:
+    """One quantized layer.
+
+    Errors are squared output errors on the calibration volume relative to ``‖Y‖²``;
+    ``*_weighted`` use the attention map.
+    """
+
+    name: str
+    type: str
+    shape: list[int]
+    weight_bits: int
+    act_bits: int | None
+    act_signed: bool | None
+    rtn_error: float
+    error: float
+    rtn_error_weighted: float
+    error_weighted: float
+    best_iteration: int
+    solver: str
+    seconds: float
+
+
+@dataclass
+class QuantizationReport:
+    """What a quantization run did and measured.
+
+    Attributes:
+        config: the :class:`~monai_efficientq.config.EfficientQConfig` as a dict.
+        layers: one :class:`LayerRecord` per quantized layer, in execution order.
+        float_layers: layers left in float, each ``{"name", "type", "reason"}``.
+        folded_batchnorm: ``[conv_name, bn_name]`` pairs that were folded.
+        total_seconds: wall time of the whole run.
+        peak_memory_mb: peak memory (``peak_memory_kind`` says which: CUDA allocated or process RSS).
+        float_bytes: bytes of the float32 state dict.
+        packed_bytes: bytes of the packed checkpoint.
+        calibration_shape: shape of the calibration volume.
+        calib_agreement_dice: per-class Dice of the quantized vs the float prediction on the calibration volume.
+        dice: evaluation Dice, filled by an evaluator (e.g. ``{"float": {...}, "quantized": {...}}``).
+    """
+
+    config: dict[str, Any] = field(default_factory=dict)
+    layers: list[LayerRecord] = field(default_factory=list)
+    float_layers: list[dict[str, str]] = field(default_factory=list)
+    folded_batchnorm: list[list[str]] = field(default_factory=list)
+    total_seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    peak_memory_kind: str = ""
+    float_bytes: int = 0
+    packed_bytes: int = 0
+    calibration_shape: list[int] = field(default_factory=list)
+    device: str = ""
+    calib_agreement_dice: dict[str, float] = field(default_factory=dict)
+    dice: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compression(self) -> float:
+        """Float size over packed size."""
+        return self.float_bytes / self.packed_bytes if self.packed_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["compression"] = self.compression
+        return d
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The report as JSON text; also written (atomically) to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantizationReport:
+        d = dict(d)
+        d.pop("compression", None)
+        d["layers"] = [LayerRecord(**rec) for rec in d.get("layers", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> QuantizationReport:
+        """Read a report from JSON text or a JSON file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            with open(text_or_path, encoding="utf-8") as f:
+                text = f.read()
+        return cls.from_dict(json.loads(text))
+
+    def to_markdown(self, path: str | os.PathLike | None = None) -> str:
+        """The report as Markdown; also written (atomically) to ``path`` if given."""
+        cfg = self.config
+        act = cfg.get("act_bits")
+        lines = [
+            "# EfficientQ quantization report",
+            "",
+            f"- method: `{cfg.get('method')}`, preset: `{cfg.get('preset')}`, weights W{cfg.get('weight_bits')}"
+            f", activations {'A' + str(act) if act else 'float'}, first/last layers "
+            f"{'W' + str(cfg.get('first_last_bits')) + ' float input' if cfg.get('first_last_bits') else 'as the others'}",
+            f"- scale: per {cfg.get('weight_scale')}, grid: {cfg.get('weight_grid')}, ADMM iterations: {cfg.get('iterations')}",
+            f"- calibration volume: {self.calibration_shape}, device: {self.device}",
+            f"- total time: {self.total_seconds:.1f} s, peak memory: {self.peak_memory_mb:.0f} MB ({self.peak_memory_kind})",
+            f"- size: float {self.float_bytes / 2**20:.2f} MiB, packed {self.packed_bytes / 2**20:.2f} MiB"
+            f" ({self.compression:.1f}x smaller)",
+        ]
+        if self.folded_batchnorm:
+            lines.append(f"- folded BatchNorm: {len(self.folded_batchnorm)}")
+        if self.calib_agreement_dice:
+            agree = ", ".join(f"{k} {v:.4f}" for k, v in self.calib_agreement_dice.items())
+            lines.append(f"- Dice of quantized vs float prediction on the calibration volume: {agree}")
+        if self.dice:
+            lines += ["", "## Dice", "", "| model | " + " | ".join(_dice_columns(self.dice)) + " |"]
+            cols = _dice_columns(self.dice)
+            lines.append("|---" * (len(cols) + 1) + "|")
+            for model, values in self.dice.items():
+                lines.append(f"| {model} | " + " | ".join(_fmt(values.get(c)) for c in cols) + " |")
+        lines += [
+            "",
+            "## Layers",
+            "",
+            "| # | layer | type | shape | W | A | RTN error | EfficientQ error | best it. | solver | seconds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for i, r in enumerate(self.layers):
+            a = "float" if r.act_bits is None else f"{r.act_bits}{'s' if r.act_signed else 'u'}"
+            lines.append(
+                f"| {i} | `{r.name}` | {r.type} | {'x'.join(map(str, r.shape))} | {r.weight_bits} | {a} | "
+                f"{r.rtn_error:.4g} | {r.error:.4g} | {r.best_iteration} | {r.solver} | {r.seconds:.2f} |"
+            )
+        if self.float_layers:
+            lines += ["", "## Left in float", "", "| layer | type | reason |", "|---|---|---|"]
+            lines += [f"| `{f['name']}` | {f['type']} | {f['reason']} |" for f in self.float_layers]
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+
+def _dice_columns(dice: dict[str, Any]) -> list[str]:
+    cols: list[str] = []
+    for values in dice.values():
+        for key in values:
+            if key not in cols:
+                cols.append(key)
+    return cols
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else ("" if value is None else str(value))

@@ -1,0 +1,349 @@
+"""The per-layer EfficientQ problem, solved by ADMM.
+
+For one layer with float weights ``W0`` (``(groups, C_out/groups, K)``) and bias ``b0``, quantized input
+patches ``Xq`` (with a row of ones for the bias), per-voxel attention ``H`` and float target ``Y``::
+
+    minimise over [W b], W on the grid:  ‖([W b]·Xq − Y)·H^½‖² + (η/2)·‖[W b] − [W0 b0]‖²
+
+:class:`LayerSolver` streams ``Xq``/``Y`` in chunk by chunk, keeping only the Gram matrices
+``A = Xq·H·Xqᵀ`` and ``B = Y·H·Xqᵀ`` (or, when the output has fewer voxels than unknowns, the
+``Xq``/``Y`` columns themselves, to solve through Woodbury), then solves once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .quantizer import UniformGrid, dequantize, fit_scale
+
+__all__ = ["LayerSolver", "LayerSolution", "SolverSettings"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SolverSettings:
+    """The ADMM settings of one layer (see :class:`~monai_efficientq.config.EfficientQConfig`)."""
+
+    iterations: int = 200
+    rho_step_every: int = 50
+    rho_factor: float = 10.0
+    eta_factor: float = 1.0
+    rho_cap_factor: float = 1000.0
+    best_iterate_error: str = "weighted"
+    rtn_candidate: bool = True
+    solver: str = "auto"
+    method: str = "efficientq"
+    record_history: bool = False
+
+
+@dataclass
+class LayerSolution:
+    """What the solver found for one layer.
+
+    ``codes`` (int64, ``(groups, C_out/groups, K)``) and ``scale`` (``(rows, 1)``) belong to the same
+    iterate; ``weight`` is their dequantized product in the same layout; ``bias`` is float.
+    Errors are squared output errors on the calibration data relative to ``‖Y‖²`` (weighted by the
+    attention map, and unweighted).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    rtn_error: float
+    rtn_error_weighted: float
+    error: float
+    error_weighted: float
+    best_iteration: int
+    solver: str
+    seconds: float
+    s: float = 0.0
+    history: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+class _ErrorTerms:
+    """Gram statistics of one weighting: ``A = X·H·Xᵀ``, ``B = Y·H·Xᵀ``, ``yy = Σ H·Y²``."""
+
+    def __init__(self) -> None:
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
+        self.yy = 0.0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
+        xh = x if h is None else x * h
+        a = xh @ x.transpose(1, 2)
+        b = (y if h is None else y * h) @ x.transpose(1, 2)
+        self.A = a if self.A is None else self.A + a
+        self.B = b if self.B is None else self.B + b
+        self.yy += float(((y * y) if h is None else (y * y) * h).sum())
+
+    def error(self, wb: torch.Tensor) -> float:
+        return float(((wb @ self.A) * wb).sum() - 2 * (wb * self.B).sum() + self.yy)
+
+
+class LayerSolver:
+    """Accumulates one layer's statistics chunk by chunk, then solves it once.
+
+    Args:
+        weight: float weights ``W0`` as ``(groups, C_out/groups, K)``.
+        bias: float bias ``b0`` as ``(groups, C_out/groups)``, or ``None`` (then no bias is fitted).
+        grid: the weight grid.
+        per_channel: one scale per output channel instead of one per tensor.
+        settings: ADMM settings.
+        num_columns: ``P``, the number of output voxels that will be streamed in.
+        dtype: dtype of the statistics and iterates.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        grid: UniformGrid,
+        per_channel: bool,
+        settings: SolverSettings,
+        num_columns: int,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        self.w0 = weight.detach().to(dtype)
+        self.has_bias = bias is not None
+        self.b0 = bias.detach().to(dtype) if bias is not None else None
+        self.grid = grid
+        self.per_channel = per_channel
+        self.settings = settings
+        self.dtype = dtype
+        self.num_columns = num_columns
+        groups, _, k = self.w0.shape
+        self.k1 = k + int(self.has_bias)
+        mode = settings.solver
+        if mode == "auto":
+            mode = "woodbury" if num_columns < self.k1 else "cholesky"
+        if mode == "woodbury" and settings.eta_factor == 0 and self.has_bias:
+            mode = "cholesky"  # the diagonal part would be singular at the bias position
+        self.mode = mode
+        self.weighted = _ErrorTerms()
+        self.unweighted: _ErrorTerms | None = None
+        self._cols_x: list[torch.Tensor] = []
+        self._cols_y: list[torch.Tensor] = []
+        self._cols_h: list[torch.Tensor] = []
+        self._y_sum = 0.0
+        self._y_sq = 0.0
+        self._y_count = 0
+        self._h_sum = 0.0
+        self._h_count = 0
+        self._seen = 0
+
+    def _with_ones(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.has_bias:
+            return x
+        return torch.cat([x, x.new_ones(x.shape[0], 1, x.shape[2])], dim=1)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None = None) -> None:
+        """Stream in one chunk.
+
+        Args:
+            x: quantized input patches ``(groups, K, P_chunk)``.
+            y: float targets of the same columns ``(groups, C_out/groups, P_chunk)``.
+            h: attention weights of the same columns ``(P_chunk,)``, or ``None`` for all ones.
+        """
+        x = self._with_ones(x.to(self.dtype))
+        y = y.to(self.dtype)
+        hw = h.to(self.dtype) if h is not None else None
+        self._y_sum += float(y.sum())
+        self._y_sq += float((y * y).sum())
+        self._y_count += y.numel()
+        self._h_sum += float(hw.sum()) if hw is not None else float(y.shape[-1])
+        self._h_count += y.shape[-1]
+        self._seen += y.shape[-1]
+        if self.mode == "woodbury":
+            self._cols_x.append(x)
+            self._cols_y.append(y)
+            self._cols_h.append(hw if hw is not None else x.new_ones(x.shape[-1]))
+            return
+        self.weighted.add(x, y, hw)
+        if hw is not None:
+            if self.unweighted is None:
+                self.unweighted = _ErrorTerms()
+            self.unweighted.add(x, y, None)
+
+    # ----------------------------------------------------------------------------------------- solve
+    def _scale_s(self, attention_mean: float) -> float:
+        """``s = max(numel(Y)·std(Y) / (numel(W)·std(W)), 1) · mean(attention)``."""
+        n = self._y_count
+        var_y = max(self._y_sq / n - (self._y_sum / n) ** 2, 0.0) * n / max(n - 1, 1)
+        std_w = float(self.w0.std()) if self.w0.numel() > 1 else 0.0
+        ratio = n * math.sqrt(var_y) / (self.w0.numel() * std_w) if std_w > 0 else 1.0
+        return max(ratio, 1.0) * attention_mean
+
+    def _wb(self, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([w, b.unsqueeze(-1)], dim=-1) if self.has_bias else w
+
+    def _errors(self, wb: torch.Tensor) -> tuple[float, float]:
+        """(weighted, unweighted) squared output errors of ``[W b]``."""
+        if self.mode == "woodbury":
+            weighted = unweighted = 0.0
+            for x, y, h in zip(self._cols_x, self._cols_y, self._cols_h):
+                e2 = (wb @ x - y).pow(2)
+                weighted += float((e2 * h).sum())
+                unweighted += float(e2.sum())
+            return weighted, unweighted
+        weighted = self.weighted.error(wb)
+        unweighted = self.unweighted.error(wb) if self.unweighted is not None else weighted
+        return weighted, unweighted
+
+    def _yy(self) -> tuple[float, float]:
+        if self.mode == "woodbury":
+            return (
+                float(sum(((y * y) * h).sum() for y, h in zip(self._cols_y, self._cols_h))),
+                float(sum((y * y).sum() for y in self._cols_y)),
+            )
+        yy_w = self.weighted.yy
+        return yy_w, self.unweighted.yy if self.unweighted is not None else yy_w
+
+    def _project(self, v: torch.Tensor, init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = v.reshape(-1, v.shape[-1])
+        scale, codes = fit_scale(rows, self.grid, per_row=self.per_channel, init=init)
+        per_row_scale = scale.expand(rows.shape[0], 1) if not self.per_channel else scale
+        g = dequantize(codes, per_row_scale, self.grid, v.dtype).reshape(v.shape)
+        return g, scale, codes.reshape(v.shape)
+
+    def _diag(self, rho: float, eta: float) -> torch.Tensor:
+        """Diagonal ``ρ·D + η·I`` (``D`` is 0 at the bias position)."""
+        lam = torch.full((self.k1,), rho + eta, dtype=self.dtype, device=self.w0.device)
+        if self.has_bias:
+            lam[-1] = eta
+        return lam
+
+    def _make_inverse(self, rho: float, eta: float):
+        """A function ``R ↦ R·(2A + ρD + ηI)⁻¹`` for this ρ (one factorization)."""
+        lam = self._diag(rho, eta)
+        if self.mode == "naive":
+            a = self._dense_a()
+            m = 2 * a + torch.diag_embed(lam).expand_as(a)
+            return lambda r: torch.linalg.solve(m, r.transpose(1, 2)).transpose(1, 2)
+        if self.mode == "woodbury":
+            s = torch.cat([x * (2 * h).sqrt() for x, h in zip(self._cols_x, self._cols_h)], dim=-1)
+            s_scaled = s / lam[:, None]
+            core = s.transpose(1, 2) @ s_scaled
+            core.diagonal(dim1=-2, dim2=-1).add_(1.0)
+            core_inv = torch.cholesky_inverse(_cholesky(core))
+
+            def apply(r: torch.Tensor) -> torch.Tensor:
+                r_lam = r / lam
+                return r_lam - ((r_lam @ s) @ core_inv) @ s_scaled.transpose(1, 2)
+
+            return apply
+        a = self._dense_a()
+        m = 2 * a
+        m.diagonal(dim1=-2, dim2=-1).add_(lam)
+        m_inv = torch.cholesky_inverse(_cholesky(m))
+        return lambda r: r @ m_inv
+
+    def _dense_a(self) -> torch.Tensor:
+        if self.mode == "woodbury" or (self.weighted.A is None and self._cols_x):
+            return sum((x * h) @ x.transpose(1, 2) for x, h in zip(self._cols_x, self._cols_h))
+        return self.weighted.A
+
+    def _dense_b(self) -> torch.Tensor:
+        if self.weighted.B is None:
+            return sum((y * h) @ x.transpose(1, 2) for x, y, h in zip(self._cols_x, self._cols_y, self._cols_h))
+        return self.weighted.B
+
+    @torch.no_grad()
+    def solve(self, attention_mean: float | None = None) -> LayerSolution:
+        """Run ADMM (or RTN) on the accumulated statistics.
+
+        Args:
+            attention_mean: mean of this layer's attention map (default: the mean of the streamed weights).
+        """
+        if self._seen != self.num_columns:
+            raise RuntimeError(f"LayerSolver got {self._seen} of {self.num_columns} output columns before solve().")
+        t0 = time.perf_counter()
+        st = self.settings
+        if attention_mean is None:
+            attention_mean = self._h_sum / max(self._h_count, 1)
+        yy_w, yy_u = self._yy()
+        yy_w, yy_u = max(yy_w, 1e-300), max(yy_u, 1e-300)
+
+        # round to nearest: the floor, and a candidate iterate
+        rtn_w, rtn_scale, rtn_codes = self._project(self.w0, None)
+        rtn_wb = self._wb(rtn_w, self.b0)
+        rtn_err_w, rtn_err_u = self._errors(rtn_wb)
+        best = {
+            "codes": rtn_codes, "scale": rtn_scale, "weight": rtn_w, "bias": self.b0,
+            "err": rtn_err_w if st.best_iterate_error == "weighted" else rtn_err_u,
+            "errs": (rtn_err_w, rtn_err_u), "iteration": -1,
+        }
+        s = self._scale_s(attention_mean)
+        history: list[dict[str, torch.Tensor]] = []
+        if st.method == "efficientq":
+            if not st.rtn_candidate:
+                best["err"] = math.inf
+            self._admm(s, best, history)
+        solution = LayerSolution(
+            codes=best["codes"], scale=best["scale"], weight=best["weight"], bias=best["bias"],
+            rtn_error=rtn_err_u / yy_u, rtn_error_weighted=rtn_err_w / yy_w,
+            error=best["errs"][1] / yy_u, error_weighted=best["errs"][0] / yy_w,
+            best_iteration=best["iteration"], solver=self.mode if st.method == "efficientq" else "rtn",
+            seconds=time.perf_counter() - t0, s=s, history=history,
+        )
+        self._cols_x, self._cols_y, self._cols_h = [], [], []
+        self.weighted = _ErrorTerms()
+        self.unweighted = None
+        return solution
+
+    def _admm(self, s: float, best: dict, history: list) -> None:
+        st = self.settings
+        eta = st.eta_factor * s
+        rho = st.rho_factor * s
+        rho_cap = st.rho_cap_factor * s
+        b_mat = self._dense_b()
+        prior = self._wb(self.w0, self.b0) * eta
+        g = self.w0.clone()
+        u = torch.zeros_like(g)
+        inverses: dict[float, object] = {}
+        scale = None
+        k = self.w0.shape[-1]
+        for it in range(st.iterations):
+            if it % st.rho_step_every == 0:
+                new_rho = min(2 * rho, rho_cap)
+                u = u * (rho / new_rho)  # keep the unscaled dual ρ·U
+                rho = new_rho
+            if rho not in inverses:
+                inverses = {rho: self._make_inverse(rho, eta)}  # one factorization per distinct ρ
+            target = g - u
+            rhs = 2 * b_mat + prior + rho * (self._wb(target, torch.zeros_like(self.b0)) if self.has_bias else target)
+            vb = inverses[rho](rhs)
+            v = vb[..., :k]
+            bias = vb[..., k] if self.has_bias else None
+            g, scale, codes = self._project(v + u, scale)
+            u = u + v - g
+            err_w, err_u = self._errors(self._wb(g, bias))
+            err = err_w if st.best_iterate_error == "weighted" else err_u
+            if st.record_history:
+                history.append({"v": vb.clone(), "codes": codes.clone(), "scale": scale.clone(), "rho": torch.tensor(rho)})
+            if err < best["err"]:
+                best.update(codes=codes, scale=scale, weight=g, bias=bias, err=err, errs=(err_w, err_u), iteration=it)
+
+
+def _cholesky(m: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a batch of SPD matrices, retrying with a growing diagonal jitter."""
+    factor, info = torch.linalg.cholesky_ex(m)
+    if not bool((info > 0).any()):
+        return factor
+    base = float(m.diagonal(dim1=-2, dim2=-1).abs().mean()) or 1.0
+    for exponent in range(-12, 0, 2):
+        jitter = base * 10.0**exponent
+        logger.debug("Cholesky failed; retrying with jitter %.3g", jitter)
+        m_j = m.clone()
+        m_j.diagonal(dim1=-2, dim2=-1).add_(jitter)
+        factor, info = torch.linalg.cholesky_ex(m_j)
+        if not bool((info > 0).any()):
+            return factor
+    raise RuntimeError("The layer's normal matrix is not positive definite even with jitter; check for NaN inputs.")
