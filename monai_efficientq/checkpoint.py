@@ -145,16 +145,21 @@ def _read(path: str | os.PathLike, map_location: Any) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"packed checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointFormatError(
+            f"{path} is not a readable torch checkpoint (not a torch zip archive). Is the file complete, and was "
+            f"it written by monai_efficientq.save_quantized?"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as err:
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
         raise CheckpointFormatError(
             f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err}). Is the file complete, "
             f"and was it written by monai_efficientq.save_quantized?"
         ) from err
-    except Exception as err:  # weights_only unpickler refusing custom classes
+    except Exception as err:  # the weights_only unpickler refusing custom classes
         raise CheckpointFormatError(
-            f"{path} cannot be loaded with weights_only=True ({err}); a packed checkpoint holds only tensors and "
+            f"{path} cannot be loaded with weights_only=True: a packed checkpoint holds only tensors and "
             f"primitives. Re-save it with monai_efficientq.save_quantized."
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:

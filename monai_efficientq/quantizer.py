@@ -69,8 +69,23 @@ def _rows(values: torch.Tensor, per_row: bool) -> torch.Tensor:
 
 def _sq_error(v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid) -> tuple[torch.Tensor, torch.Tensor]:
     codes = grid.codes(v / scale)
-    err = (v - scale * grid.levels(codes, v.dtype)).pow(2).sum(dim=1, keepdim=True)
+    err = (v - scale * grid.levels(codes, v.dtype)).pow(2).sum(dim=-1, keepdim=True)
     return err, codes
+
+
+def _best_of_sweep(
+    v: torch.Tensor, unit: torch.Tensor, grid: UniformGrid, points: int, keep: int
+) -> torch.Tensor:
+    """The ``keep`` best scales per row among ``points`` evenly spaced in ``(0, 1.5·unit]``: ``(keep, rows, 1)``."""
+    fracs = torch.linspace(0.05, 1.5, points, dtype=torch.float64, device=v.device)
+    errs = []
+    per_chunk = max(1, 2**22 // max(v.numel(), 1))
+    for i in range(0, points, per_chunk):
+        cand = fracs[i : i + per_chunk].view(-1, 1, 1) * unit
+        errs.append(_sq_error(v, cand, grid)[0])
+    err = torch.cat(errs)  # (points, rows, 1)
+    idx = err.topk(min(keep, points), dim=0, largest=False).indices
+    return fracs[idx] * unit
 
 
 def fit_scale(
@@ -78,26 +93,29 @@ def fit_scale(
     grid: UniformGrid,
     per_row: bool = False,
     init: torch.Tensor | None = None,
-    max_iter: int = 50,
+    max_iter: int = 30,
     rtol: float = 1e-7,
-    coarse_points: int = 12,
+    coarse_points: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit scale(s) and codes jointly by alternating least squares, in float64.
 
-    Starting from the best of a few candidate scales (``mean|v|`` and either ``init`` or, without it, a
-    coarse sweep below ``max|v|``), it alternates ``B = round_to_grid(v / a)`` and ``a = <B, v> / <B, B>``, which never
-    increases the squared error, until the relative change of ``a`` is below ``rtol`` or ``max_iter``
-    is reached. It never raises on non-convergence: the best scale seen is returned with its own codes.
+    The alternation ``B = round_to_grid(v / a)``, ``a = <B, v> / <B, B>`` never increases the squared
+    error but stops in a local optimum, so it runs from several starts at once: ``mean|v|`` and either
+    ``init`` (a warm start, e.g. the previous ADMM iterate's scale) or, without it, the 4 best of a sweep
+    of ``coarse_points`` scales up to 1.5·``max|v|`` over the largest level. Each start iterates until the relative change of the
+    scales is below ``rtol`` or ``max_iter`` is reached. It never raises on non-convergence: the best
+    scale seen is returned with its own codes.
 
     Args:
         values: the tensor to quantize. With ``per_row`` its first dimension indexes the rows
             (output channels), each with its own scale.
         grid: the normalised grid.
         per_row: one scale per row of ``values`` instead of one for the whole tensor.
-        init: an extra starting scale (a scalar or one per row), e.g. the previous ADMM iterate's.
+        init: a warm-start scale (a scalar or one per row).
         max_iter: iteration cap of the alternation.
         rtol: relative tolerance on the scale change.
-        coarse_points: number of scales of the initial sweep.
+        coarse_points: number of scales of the cold-start sweep (default: from 128 for small tensors down to
+            16 for large ones, whose error curve over the scale is smooth).
 
     Returns:
         ``(scale, codes)``: scale of shape ``(rows, 1)`` (float64; 0 for an all-zero row) and int64 codes
@@ -109,35 +127,34 @@ def fit_scale(
     zero_rows = absmax == 0
     safe_max = torch.where(zero_rows, torch.ones_like(absmax), absmax)
 
-    candidates = [v.abs().mean(dim=1, keepdim=True).clamp_min(1e-300)]
-    if init is None:  # cold start: sweep; a warm start (e.g. the previous ADMM iterate) needs none
-        for frac in torch.linspace(0.15, 1.0, coarse_points, dtype=torch.float64).tolist():
-            candidates.append(safe_max * frac / grid.max_abs)
+    starts = [v.abs().mean(dim=1, keepdim=True)]
+    if init is None:
+        points = coarse_points or int(min(128, max(16, 2**22 // max(v.numel(), 1))))
+        starts += list(_best_of_sweep(v, safe_max / grid.max_abs, grid, points, keep=4))
     else:
         init_t = torch.as_tensor(init, dtype=torch.float64, device=v.device).reshape(-1, 1).expand_as(absmax)
-        candidates.append(torch.where(init_t > 0, init_t, safe_max / grid.max_abs))
+        starts.append(torch.where(init_t > 0, init_t, safe_max / grid.max_abs))
+    scale = torch.stack(starts)  # (starts, rows, 1)
+    scale = torch.where(zero_rows | (scale <= 0), torch.ones_like(scale), scale)
 
     best_err = torch.full_like(absmax, math.inf)
-    best_scale = candidates[0].clone()
-    for cand in candidates:
-        cand = torch.where(zero_rows, torch.ones_like(cand), cand)
-        err, _ = _sq_error(v, cand, grid)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, cand, best_scale)
-
-    scale = best_scale
-    for _ in range(max_iter):
+    best_scale = scale[0].clone()
+    prev_codes = None
+    for it in range(max_iter + 1):
         codes = grid.codes(v / scale)
         levels = grid.levels(codes, torch.float64)
-        denom = (levels * levels).sum(dim=1, keepdim=True)
-        new_scale = torch.where(denom > 0, (levels * v).sum(dim=1, keepdim=True) / denom.clamp_min(1e-300), scale)
-        new_scale = torch.where(new_scale > 0, new_scale, scale)
-        err, _ = _sq_error(v, new_scale, grid)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, new_scale, best_scale)
-        change = ((new_scale - scale).abs() / scale).max()
+        err = (v - scale * levels).pow_(2).sum(dim=-1, keepdim=True)
+        err_min, which = err.min(dim=0)
+        better = err_min < best_err
+        best_err = torch.where(better, err_min, best_err)
+        best_scale = torch.where(better, scale.gather(0, which.unsqueeze(0)).squeeze(0), best_scale)
+        if it == max_iter or (prev_codes is not None and torch.equal(codes, prev_codes)):
+            break  # same codes give the same scale: a fixed point
+        prev_codes = codes
+        denom = (levels * levels).sum(dim=-1, keepdim=True)
+        new_scale = (levels * v).sum(dim=-1, keepdim=True) / denom.clamp_min(1e-300)
+        new_scale = torch.where((denom > 0) & (new_scale > 0), new_scale, scale)
+        change = float(((new_scale - scale).abs() / scale).max())
         scale = new_scale
         if change <= rtol:
             break

@@ -285,7 +285,7 @@ class LayerSolver:
         if st.method == "efficientq":
             if not st.rtn_candidate:
                 best["err"] = math.inf
-            self._admm(s, best, history)
+            self._admm(s, best, history, rtn_scale)
         solution = LayerSolution(
             codes=best["codes"], scale=best["scale"], weight=best["weight"], bias=best["bias"],
             rtn_error=rtn_err_u / yy_u, rtn_error_weighted=rtn_err_w / yy_w,
@@ -298,7 +298,7 @@ class LayerSolver:
         self.unweighted = None
         return solution
 
-    def _admm(self, s: float, best: dict, history: list) -> None:
+    def _admm(self, s: float, best: dict, history: list, start_scale: torch.Tensor) -> None:
         st = self.settings
         eta = st.eta_factor * s
         rho = st.rho_factor * s
@@ -308,7 +308,7 @@ class LayerSolver:
         g = self.w0.clone()
         u = torch.zeros_like(g)
         inverses: dict[float, object] = {}
-        scale = None
+        scale = start_scale  # warm start of the joint scale fit
         k = self.w0.shape[-1]
         for it in range(st.iterations):
             if it % st.rho_step_every == 0:

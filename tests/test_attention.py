@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import torch
+
+from monai_efficientq.attention import AttentionMaps, class_weights, classes_from_scores, label_to_scores
+
+
+def _scores(label: torch.Tensor, n: int) -> torch.Tensor:
+    return label_to_scores(label[None, None], n) * 10.0
+
+
+def test_class_weights_from_counts():
+    label = torch.zeros(8, 8, 8, dtype=torch.long)
+    label[:2, :2, :2] = 1  # 8 voxels
+    label[4:, 4:, :] = 2  # 128 voxels
+    member = classes_from_scores(_scores(label, 4), multi_label=False)
+    w = class_weights(member, 0.5)
+    n0 = 512 - 8 - 128
+    assert torch.allclose(w, torch.tensor([1.0, (n0 / 8) ** 0.5, (n0 / 128) ** 0.5, 1.0], dtype=torch.float64))
+
+
+def test_map_pooled_to_any_layer_shape_and_body_rule():
+    label = torch.zeros(12, 12, 12, dtype=torch.long)
+    label[3:9, 3:9, 3:9] = 1
+    label[5:7, 5:7, 5:7] = 2
+    body = torch.zeros(1, 12, 12, 12, dtype=torch.bool)
+    body[:, 1:11, 1:11, 1:11] = True
+    maps = AttentionMaps(_scores(label, 3), body, multi_label=False)
+    full = maps.full_resolution()
+    assert full.shape == (1, 12, 12, 12)
+    assert full[0, 6, 6, 6] > full[0, 4, 4, 4] > full[0, 2, 2, 2] == 1.0
+    assert full[0, 0, 0, 0] == 1.0
+    for shape in [(5, 3, 7), (1, 1, 1), (24, 24, 24)]:
+        m = maps.for_shape(1, shape)
+        assert m.shape == (1, *shape) and bool((m >= 1).all())
+    assert maps.for_shape(1, (4, 4)) is None and maps.for_shape(2, (4, 4, 4)) is None
+
+
+def test_multilabel_background_is_no_channel_on():
+    logits = -torch.ones(1, 3, 6, 6, 6)
+    logits[:, 0, :3] = 1  # channel 0 on in half
+    logits[:, 2, :1, :1, :1] = 1  # rare channel
+    member = classes_from_scores(logits, multi_label=True)
+    assert member.shape[1] == 4
+    assert int(member[:, 0].sum()) == 108  # background: nothing on
+    w = class_weights(member)
+    assert w[3] == (108 / 1) ** 0.5 and w[2] == 1.0  # absent channel 1 -> 1
+
+
+def test_precomputed_weight_map_is_average_pooled():
+    wmap = torch.ones(1, 1, 8, 8, 8)
+    wmap[..., :4, :, :] = 3.0
+    maps = AttentionMaps(None, None, multi_label=False, weight_map=wmap)
+    m = maps.for_shape(1, (2, 2, 2))
+    assert torch.allclose(m[0, 0], torch.full((2, 2), 3.0, dtype=torch.float64))
+    assert torch.allclose(m[0, 1], torch.ones(2, 2, dtype=torch.float64))

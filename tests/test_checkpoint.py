@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from monai.networks.nets import SegResNet
+
+from monai_efficientq import EfficientQConfig, load_quantized, quantize_network, save_dequantized, save_quantized
+from monai_efficientq.checkpoint import CheckpointFormatError, atomic_write, packed_state
+
+from nets import tiny_segresnet, tiny_unet_bn, volume
+
+
+@pytest.fixture(scope="module")
+def quantized_unet():
+    net = tiny_unet_bn()
+    qnet, report = quantize_network(net, volume(16), EfficientQConfig(weight_bits=3, act_bits=4, iterations=5, progress=False))
+    return net, qnet, report
+
+
+def test_roundtrip_weights_only_and_bit_exact(tmp_path, quantized_unet):
+    net, qnet, report = quantized_unet
+    path = tmp_path / "q.pt"
+    save_quantized(qnet, path, report)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "monai-efficientq" and raw["format_version"] == 1
+    assert all(e["codes"].dtype == torch.uint8 for e in raw["layers"].values())
+    loaded = load_quantized(tiny_unet_bn(seed=5), path)  # fresh float net with other weights
+    x = volume(16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qnet(x))
+    assert raw["report"]["layers"][0]["name"] == report.layers[0].name
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packed_size_approaches_bits_over_32(tmp_path, bits):
+    torch.manual_seed(0)
+    net = SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=32, blocks_down=(1, 2), blocks_up=(1,)).eval()
+    qnet, report = quantize_network(net, volume(8), EfficientQConfig(weight_bits=bits, method="rtn", first_last_bits=None, progress=False))
+    path = tmp_path / "q.pt"
+    save_quantized(qnet, path)
+    size = os.path.getsize(path)
+    assert size == report.packed_bytes
+    weights = sum(m.weight.numel() for m in qnet.modules() if hasattr(m, "weight_codes"))
+    assert size < weights * bits / 8 + 40_000  # codes plus small scales, biases, norms and zip overhead
+    assert report.float_bytes / size > (32 / bits) * 0.85
+
+
+def test_dequantized_export_loads_into_the_original_definition(tmp_path):
+    net = tiny_unet_bn()
+    qnet, _ = quantize_network(net, volume(16), EfficientQConfig(weight_bits=4, iterations=5, progress=False))
+    path = tmp_path / "deq.pt"
+    save_dequantized(qnet, net, path)
+    fresh = tiny_unet_bn(seed=9)
+    fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x = volume(16, seed=2)
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(x), qnet(x), rtol=1e-4, atol=1e-5)
+
+
+def test_wrong_network_is_a_clear_error(tmp_path, quantized_unet):
+    _, qnet, _ = quantized_unet
+    path = tmp_path / "q.pt"
+    save_quantized(qnet, path)
+    with pytest.raises(CheckpointFormatError, match="does not fit this network"):
+        load_quantized(tiny_segresnet(), path)
+    from monai.networks.nets import UNet
+
+    wider = UNet(3, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=2, norm="batch")
+    with pytest.raises(CheckpointFormatError, match="weight shape"):
+        load_quantized(wider, path)
+
+
+def test_float_state_dict_and_garbage_are_rejected(tmp_path):
+    float_path = tmp_path / "float.pt"
+    torch.save(tiny_unet_bn().state_dict(), float_path)
+    with pytest.raises(CheckpointFormatError, match="looks like a float state dict"):
+        load_quantized(tiny_unet_bn(), float_path)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointFormatError, match="not a readable torch checkpoint"):
+        load_quantized(tiny_unet_bn(), junk)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_quantized(tiny_unet_bn(), tmp_path / "missing.pt")
+
+
+def test_newer_format_version_is_rejected(tmp_path, quantized_unet):
+    _, qnet, _ = quantized_unet
+    state = packed_state(qnet)
+    state["format_version"] = 99
+    path = tmp_path / "future.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointFormatError, match="Upgrade"):
+        load_quantized(tiny_unet_bn(), path)
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    target = tmp_path / "out.pt"
+
+    def broken(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_keeps_previous_file(tmp_path, quantized_unet, monkeypatch):
+    _, qnet, _ = quantized_unet
+    target = tmp_path / "q.pt"
+    target.write_bytes(b"previous")
+
+    def failing_save(obj, f):
+        f.write(b"half")
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        save_quantized(qnet, target)
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.pt"]

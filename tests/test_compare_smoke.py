@@ -1,0 +1,141 @@
+"""CPU smoke test of benchmarks/compare.py: a tiny random-weight MONAI net, NIfTI data written to a tmp dir."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+nib = pytest.importorskip("nibabel")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNET_KWARGS = {
+    "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 16], "strides": [2, 2],
+    "num_res_units": 1, "norm": "batch",
+}
+
+
+def _load(name: str):
+    path = os.path.join(REPO, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def compare():
+    return _load("compare")
+
+
+def _phantom(shape, seed):
+    """Nested ellipsoids: label 0 outside, 1/2 in shells; image intensities per class + noise, 0 outside."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    r = np.sqrt(sum(g**2 for g in grids))
+    label = np.zeros(shape, np.uint8)
+    label[r < 0.9] = 1
+    label[r < 0.5] = 2
+    image = (label * 50.0 + 20.0 + rng.normal(0, 5, shape)) * (label > 0)
+    return image.astype(np.float32), label
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from monai.networks.nets import UNet
+
+    root = tmp_path_factory.mktemp("compare_data")
+    items = []
+    for i in range(3):
+        image, label = _phantom((20, 24, 18), seed=i)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / f"img{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(root / f"lab{i}.nii.gz"))
+        items.append({"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz"})
+    with open(root / "datalist.json", "w") as f:
+        json.dump({"evaluation": items[1:], "calibration": items[0], "labels": {"0": "bg", "1": "a", "2": "b"}}, f)
+    torch.manual_seed(0)
+    net = UNet(**UNET_KWARGS).eval()
+    torch.save(net.state_dict(), root / "unet.pt")
+    return root
+
+
+def _run(compare, data, out, methods, settings="W4", **kw):
+    return compare.run(
+        network="monai.networks.nets.UNet", network_kwargs=json.dumps(UNET_KWARGS),
+        checkpoint=str(data / "unet.pt"), eval_datalist=str(data / "datalist.json"),
+        methods=methods, settings=settings, out=str(out), roi_size=16, iterations=3, threads=1, isolate=False, **kw,
+    )
+
+
+def _check_dice(values):
+    assert values, "no Dice values"
+    for v in values.values():
+        assert v is None or (0.0 <= v <= 1.0 and not math.isnan(v))
+
+
+def test_compare_ours_w4(compare, data, tmp_path):
+    out = tmp_path / "results.json"
+    _run(compare, data, out, "rtn,eq_default")
+    results = json.loads(out.read_text())
+    rows = {(r["method"], r["setting"]): r for r in results["rows"]}
+    assert set(rows) == {("float", "float"), ("rtn", "W4"), ("eq_default", "W4")}
+
+    flt = rows[("float", "float")]
+    assert flt["status"] == "ok" and flt["cases"] == 2
+    assert list(flt["dice"]) == ["a", "b"]  # class names from the datalist, background excluded
+    _check_dice(flt["dice"])
+    assert flt["mean_dice_vs_float"] == 1.0
+
+    for key in [("rtn", "W4"), ("eq_default", "W4")]:
+        row = rows[key]
+        assert row["status"] == "ok", row.get("traceback")
+        assert row["weight_bits"] == 4 and row["act_bits"] is None
+        _check_dice(row["dice"])
+        _check_dice(row["dice_vs_float"])
+        assert 0.0 <= row["mean_dice"] <= 1.0
+        assert 0.5 <= row["mean_dice_vs_float"] <= 1.0  # 4-bit weights barely move a prediction
+        assert row["quant_seconds"] > 0 and row["peak_memory_mb"] > 0
+        assert 0 < row["checkpoint_bytes"] < results["meta"]["float_checkpoint_bytes"]
+        assert row["layers_total"] == len(results["meta"]["quantized_layers"]) > 2
+    assert rows[("rtn", "W4")]["layers_optimised"] == 0
+    assert results["meta"]["calib_crop"]["size"] == [32, 32, 32]  # whole volume padded to multiples of 16
+    md = (tmp_path / "results.md").read_text()
+    assert "| eq_default | W4 |" in md and "| rtn | W4 |" in md
+
+    pytest.importorskip("matplotlib")
+    png = _load("plot").plot(str(out))
+    assert os.path.getsize(png) > 0
+
+
+def test_calibration_crop_is_foreground_centred(compare):
+    image = torch.zeros(1, 40, 40, 40)
+    image[:, 25:35, 5:15, 18:22] = 1.0
+    crop, label, box = compare.calibration_crop(image, None, (16, 16, 20), divisor=16)
+    assert crop.shape == (1, 16, 16, 16)
+    assert box["start"] == [22, 2, 12]
+    assert crop.sum() == image.sum()  # the foreground is inside the crop
+    crop, _, box = compare.calibration_crop(torch.ones(2, 10, 33, 16), None, None)
+    assert crop.shape == (2, 16, 48, 16)
+
+
+def test_compare_brevitas_w4(compare, data, tmp_path):
+    pytest.importorskip("brevitas")
+    out = tmp_path / "brevitas.json"
+    _run(compare, data, out, "brevitas_rtn,brevitas_gptq")
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    for method in ("brevitas_rtn", "brevitas_gptq"):
+        row = rows[method]
+        assert row["status"] == "ok", row.get("traceback")
+        _check_dice(row["dice"])
+        assert 0.5 <= row["mean_dice_vs_float"] <= 1.0
+    gptq = rows["brevitas_gptq"]
+    # Brevitas GPTQ skips ConvTranspose: the UNet's two up-sampling layers stay round-to-nearest
+    assert gptq["layers_optimised"] == gptq["layers_total"] - 2
+    assert all("ConvTranspose3d" in n for n in gptq["layers_not_optimised"])

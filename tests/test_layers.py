@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monai_efficientq.layers import (
+    conv_transpose_as_conv,
+    input_patches,
+    matrix_to_weight,
+    output_matrix,
+    weight_matrix,
+)
+
+TRANSPOSED_CASES = [
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, output_padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=2, stride=2),
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=(1, 2, 3), padding=(0, 1, 2), dilation=(1, 2, 1), groups=2),
+    dict(in_channels=3, out_channels=3, kernel_size=1, stride=1),
+    dict(in_channels=2, out_channels=4, kernel_size=3, stride=3, padding=2, output_padding=2, dilation=2),
+]
+
+
+@pytest.mark.parametrize("kwargs", TRANSPOSED_CASES)
+def test_conv_transpose_rewrite_reproduces_conv_transpose3d(kwargs):
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose3d(**kwargs).double()
+    x = torch.randn(2, kwargs["in_channels"], 4, 5, 3, dtype=torch.float64)
+    ref = F.conv_transpose3d(
+        x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation
+    )
+    out = conv_transpose_as_conv(layer, x)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+
+
+def test_conv_transpose2d_rewrite():
+    layer = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1).double()
+    x = torch.randn(1, 3, 6, 7, dtype=torch.float64)
+    assert torch.allclose(conv_transpose_as_conv(layer, x), layer(x), atol=1e-12)
+
+
+LAYERS = [
+    lambda: nn.Conv3d(4, 6, 3, padding=1),
+    lambda: nn.Conv3d(4, 6, 3, stride=2, dilation=1, groups=2, bias=False),
+    lambda: nn.Conv3d(4, 4, (3, 1, 3), stride=(1, 2, 1), padding=(2, 0, 1), dilation=(2, 1, 1), groups=4),
+    lambda: nn.Conv3d(2, 3, 3, padding=1, padding_mode="reflect"),
+    lambda: nn.Conv2d(3, 5, 3, padding="same"),
+    lambda: nn.Conv1d(3, 4, 5, stride=2, padding=2),
+    lambda: nn.ConvTranspose3d(4, 2, 2, stride=2),
+    lambda: nn.ConvTranspose3d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+    lambda: nn.Linear(7, 5),
+]
+
+
+@pytest.mark.parametrize("make", LAYERS)
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 30])
+def test_patches_times_weight_matrix_is_the_layer_output(make, chunk_bytes):
+    torch.manual_seed(1)
+    layer = make().double()
+    if isinstance(layer, nn.Linear):
+        x = torch.randn(2, 3, 7, dtype=torch.float64)
+    else:
+        nd = len(layer.kernel_size)
+        x = torch.randn(2, layer.in_channels, *[7, 6, 5][:nd], dtype=torch.float64)
+    y = layer(x)
+    w = weight_matrix(layer)
+    y_mat = output_matrix(layer, y)
+    bias = layer.bias.reshape(w.shape[0], w.shape[1], 1) if layer.bias is not None else 0
+    seen = 0
+    for cols, patches in input_patches(layer, x, chunk_bytes, torch.float64):
+        assert torch.allclose(w @ patches + bias, y_mat[..., cols], atol=1e-10)
+        seen += patches.shape[-1]
+    assert seen == y_mat.shape[-1]
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_weight_matrix_roundtrip(make):
+    layer = make()
+    assert torch.equal(matrix_to_weight(layer, weight_matrix(layer)), layer.weight)
+
+
+def test_chunks_stay_bounded():
+    layer = nn.Conv3d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 16, 16, 16)
+    sizes = [p.numel() * 8 for _, p in input_patches(layer, x, 2**20, torch.float64)]
+    assert len(sizes) > 1
+    assert max(sizes) <= 2**20

@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from monai_efficientq import EfficientQConfig, LayerCalledTwiceError, quantize_network
+from monai_efficientq.modules import QuantizedMixin
+from monai_efficientq.network import _TargetRecorder
+
+from nets import tiny_basic_unet, tiny_segresnet, tiny_unet_bn, volume
+
+
+def _rel_err(net, qnet, x):
+    with torch.no_grad():
+        ref = net(x)
+        return float((qnet(x) - ref).pow(2).sum() / ref.pow(2).sum())
+
+
+def _quantize(net, x, **kw):
+    kw.setdefault("iterations", 40)
+    kw.setdefault("progress", False)
+    return quantize_network(net, x, EfficientQConfig(**kw))
+
+
+@pytest.mark.parametrize("make", [tiny_segresnet, tiny_unet_bn])
+@pytest.mark.parametrize("act_bits", [None, 2])
+def test_end_to_end_output_error_below_rtn(make, act_bits):
+    net = make()
+    x = volume(16)
+    q_rtn, rep_rtn = _quantize(net, x, weight_bits=2, act_bits=act_bits, method="rtn")
+    q_eq, rep_eq = _quantize(net, x, weight_bits=2, act_bits=act_bits)
+    err_rtn, err_eq = _rel_err(net, q_rtn, x), _rel_err(net, q_eq, x)
+    assert err_eq < err_rtn
+    assert all(r.error <= r.rtn_error + 1e-12 for r in rep_eq.layers)
+    assert sum(r.error < 0.95 * r.rtn_error for r in rep_eq.layers) >= len(rep_eq.layers) // 2
+    assert not any(isinstance(m, QuantizedMixin) for m in net.modules()), "input network must not change"
+
+
+def test_unet_batchnorm_is_folded_and_convtranspose_quantized():
+    net = tiny_unet_bn()
+    qnet, report = _quantize(net, volume(16), weight_bits=3, iterations=5)
+    n_bn = sum(isinstance(m, nn.BatchNorm3d) for m in net.modules())
+    assert len(report.folded_batchnorm) == n_bn
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in qnet.modules())
+    types = {r.type for r in report.layers}
+    assert {"Conv3d", "ConvTranspose3d"} <= types
+
+
+def test_basic_unet():
+    net = tiny_basic_unet()
+    qnet, report = _quantize(net, volume(32), weight_bits=4, act_bits=4, iterations=10)
+    assert len(report.layers) == sum(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in net.modules())
+    assert _rel_err(net, qnet, volume(32)) < 0.2
+
+
+def test_first_last_rule_and_bits():
+    net = tiny_segresnet()
+    _, report = _quantize(net, volume(16), weight_bits=3, act_bits=4, iterations=3)
+    first, *inner, last = report.layers
+    assert (first.weight_bits, first.act_bits) == (8, None)
+    assert (last.weight_bits, last.act_bits) == (8, None)
+    assert all(r.weight_bits == 3 and r.act_bits == 4 for r in inner)
+    _, report = _quantize(net, volume(16), weight_bits=3, first_last_bits=None, iterations=3)
+    assert all(r.weight_bits == 3 for r in report.layers)
+
+
+def test_signed_activations_where_inputs_are_negative_and_original_clips():
+    net = tiny_segresnet()
+    _, default = _quantize(net, volume(16), weight_bits=4, act_bits=4, iterations=3)
+    _, original = _quantize(net, volume(16), weight_bits=4, act_bits=4, iterations=3, preset="original")
+    signed = {r.name for r in default.layers if r.act_signed}
+    assert signed and any("down_layers" in n and n.endswith(".0.conv") for n in signed)
+    assert not any(r.act_signed for r in original.layers)
+    assert original.config["weight_scale"] == "tensor" and default.config["weight_scale"] == "channel"
+
+
+def test_targets_are_copies_not_views():
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv3d(4, 2, 1))
+    rec = _TargetRecorder({"0": net[0]}, torch.device("cpu"))
+    with torch.no_grad():
+        net(volume(8))
+    rec.remove()
+    assert float(rec.targets["0"].min()) < 0  # a view would have been clamped by the in-place ReLU
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.conv(x))
+
+
+def test_layer_called_twice_is_an_error():
+    with pytest.raises(LayerCalledTwiceError, match="called twice"):
+        _quantize(_Shared(), volume(8))
+
+
+class _WithUnsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.gain = _Gain()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+        self.unused = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.conv2(self.gain(torch.relu(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class _Gain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, 4, 1, 1))
+
+    def forward(self, x):
+        return x * self.alpha
+
+
+def test_conv2d_linear_net_and_unsupported_layers_are_reported():
+    torch.manual_seed(0)
+    net = _WithUnsupported().eval()
+    x = torch.randn(4, 2, 8, 8)
+    qnet, report = _quantize(net, x, weight_bits=4, iterations=10)
+    assert [r.name for r in report.layers] == ["conv1", "conv2", "head"]
+    reasons = {f["name"]: f["reason"] for f in report.float_layers}
+    assert "unsupported" in reasons["gain"]
+    assert "never called" in reasons["unused"]
+    assert "float_layers" in report.to_json() and "gain" in report.to_markdown()
+    assert _rel_err(net, qnet, x) < 0.05
+
+
+def test_conv1d_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(2, 8, 5, padding=2), nn.ReLU(), nn.Conv1d(8, 8, 3, dilation=2, padding=2),
+                        nn.ReLU(), nn.Conv1d(8, 2, 1)).eval()
+    x = torch.randn(2, 2, 64)
+    qnet, report = _quantize(net, x, weight_bits=3)
+    assert len(report.layers) == 3 and _rel_err(net, qnet, x) < 0.05
+
+
+def test_sigmoid_multilabel_and_label_attention():
+    net = tiny_segresnet(out_channels=3)
+    x = volume(16)
+    _, report = _quantize(net, x, weight_bits=4, iterations=3, prediction="sigmoid")
+    assert len(report.layers) > 0
+    label = torch.zeros(1, 1, 16, 16, 16)
+    label[..., 4:8, 4:8, 4:8] = 2
+    cfg = EfficientQConfig(weight_bits=4, iterations=3, attention="label", progress=False)
+    _, report = quantize_network(net, x, cfg, label=label)
+    assert len(report.layers) > 0
+    with pytest.raises(ValueError, match="needs the calibration label"):
+        _quantize(net, x, weight_bits=4, iterations=3, attention="label")
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.randn(1, 2, 16, 16, 16), "2 channel"),
+        (torch.randn(16, 16), "channel-first"),
+        (torch.zeros(1, 1, 16, 16, 16), "all zeros"),
+    ],
+)
+def test_bad_calibration_volumes(bad, match):
+    with pytest.raises(ValueError, match=match):
+        _quantize(tiny_segresnet(), bad)
+
+
+def test_nan_and_inf_calibration_volume():
+    x = volume(16)
+    x[0, 0, 5, 5, 5] = float("nan")
+    x[0, 0, 6, 5, 5] = float("inf")
+    with pytest.raises(ValueError, match="2 NaN/Inf"):
+        _quantize(tiny_segresnet(), x)
+
+
+def test_volume_the_network_cannot_take_gives_a_hint():
+    with pytest.raises(RuntimeError, match="divisible"):
+        _quantize(tiny_unet_bn(), volume(15))
+
+
+@pytest.mark.parametrize("field", ["weight_bits", "act_bits", "first_last_bits"])
+@pytest.mark.parametrize("bits", [1, 9, 2.5])
+def test_unsupported_bits(field, bits):
+    with pytest.raises(ValueError, match="integer from 2 to 8"):
+        EfficientQConfig(**{field: bits})
+
+
+def test_numpy_and_unbatched_input_and_report():
+    net = tiny_segresnet()
+    x = volume(16)[0].numpy()
+    _, report = _quantize(net, x, weight_bits=4, iterations=3)
+    assert report.calibration_shape == [1, 1, 16, 16, 16]
+    assert report.packed_bytes > 0 and report.float_bytes > report.packed_bytes
+    assert set(report.calib_agreement_dice) == {"class0", "class1", "class2"}

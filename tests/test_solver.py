@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from monai_efficientq.layers import input_patches, layer_forward, matrix_to_weight, output_matrix, weight_matrix
+from monai_efficientq.quantizer import UniformGrid
+from monai_efficientq.solver import LayerSolver, SolverSettings
+
+
+def _problem(c_in=3, c_out=4, size=6, seed=0, bias=True):
+    torch.manual_seed(seed)
+    layer = nn.Conv3d(c_in, c_out, 3, padding=1, bias=bias).double()
+    x = torch.randn(1, c_in, size, size, size, dtype=torch.float64)
+    y = layer(x).detach()
+    h = torch.rand(y[0, 0].numel(), dtype=torch.float64) * 3 + 0.5
+    return layer, x, y, h
+
+
+def _solve(layer, x, y, h, bits=2, per_channel=True, **kw):
+    settings = SolverSettings(**kw)
+    w = weight_matrix(layer).detach()
+    b = layer.bias.detach().reshape(w.shape[0], w.shape[1]) if layer.bias is not None else None
+    y_mat = output_matrix(layer, y)
+    solver = LayerSolver(w, b, UniformGrid(bits, "nozero"), per_channel, settings, y_mat.shape[-1])
+    for cols, patches in input_patches(layer, x, 1 << 14, torch.float64):
+        solver.add(patches, y_mat[..., cols], h[cols] if h is not None else None)
+    return solver, solver.solve()
+
+
+@pytest.mark.parametrize("fast, size", [("cholesky", 6), ("woodbury", 3)])
+def test_fast_solver_gives_the_same_iterates_as_plain_solve(fast, size):
+    layer, x, y, h = _problem(size=size)
+    kw = dict(iterations=60, rho_step_every=20, record_history=True, rtn_candidate=False)
+    s_fast, sol_fast = _solve(layer, x, y, h, solver=fast, **kw)
+    s_ref, sol_ref = _solve(layer, x, y, h, solver="naive", **kw)
+    assert s_fast.mode == fast and s_ref.mode == "naive"
+    assert len(sol_fast.history) == len(sol_ref.history) == 60
+    for a, b in zip(sol_fast.history, sol_ref.history):
+        assert torch.allclose(a["v"], b["v"], rtol=1e-7, atol=1e-9)
+        assert torch.equal(a["codes"], b["codes"])
+    assert sol_fast.best_iteration == sol_ref.best_iteration
+
+
+def test_auto_picks_woodbury_when_fewer_voxels_than_unknowns():
+    layer, x, y, h = _problem(c_in=8, size=3)  # P = 27 < K + 1 = 217
+    solver, _ = _solve(layer, x, y, h, iterations=2)
+    assert solver.mode == "woodbury"
+    layer, x, y, h = _problem(c_in=2, size=6)  # P = 216 > 55
+    solver, _ = _solve(layer, x, y, h, iterations=2)
+    assert solver.mode == "cholesky"
+
+
+def test_one_factorization_per_distinct_rho(monkeypatch):
+    layer, x, y, h = _problem()
+    calls = []
+    original = LayerSolver._make_inverse
+
+    def counting(self, rho, eta):
+        calls.append(rho)
+        return original(self, rho, eta)
+
+    monkeypatch.setattr(LayerSolver, "_make_inverse", counting)
+    _, sol = _solve(layer, x, y, h, iterations=200, record_history=True)
+    assert len(calls) == len(set(calls)) == 4
+    rhos = [float(it["rho"]) for it in sol.history]
+    assert rhos[0] == pytest.approx(2 * 10 * sol.s)  # doubled at iteration 0
+    assert rhos[49] == rhos[0] and rhos[50] == pytest.approx(2 * rhos[0]) and rhos[150] == pytest.approx(8 * rhos[0])
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_efficientq_layer_error_below_rtn(bits, seed):
+    layer, x, y, h = _problem(c_in=4, c_out=6, size=6, seed=seed)
+    _, sol = _solve(layer, x, y, None, bits=bits, iterations=100, rtn_candidate=False)
+    assert sol.best_iteration >= 0
+    assert sol.error < 0.9 * sol.rtn_error
+
+
+def test_reported_error_matches_the_stored_codes_scale_and_bias():
+    layer, x, y, h = _problem(c_in=4, c_out=5, seed=3)
+    _, sol = _solve(layer, x, y, None, bits=2, iterations=80, per_channel=False, rtn_candidate=False)
+    assert sol.scale.numel() == 1
+    deq = sol.scale * UniformGrid(2, "nozero").levels(sol.codes, torch.float64)
+    assert torch.allclose(deq, sol.weight)
+    out = layer_forward(layer, x, matrix_to_weight(layer, deq), sol.bias.reshape(-1))
+    rel = float((out - y).pow(2).sum() / y.pow(2).sum())
+    assert rel == pytest.approx(sol.error, rel=1e-6)
+
+
+def test_best_iterate_uses_the_attention_weights():
+    layer, x, y, h = _problem(seed=4)
+    h = torch.ones_like(h)
+    h[:20] = 50.0
+    _, weighted = _solve(layer, x, y, h, best_iterate_error="weighted", rtn_candidate=False, iterations=60)
+    _, unweighted = _solve(layer, x, y, h, best_iterate_error="unweighted", rtn_candidate=False, iterations=60)
+    assert weighted.error_weighted <= unweighted.error_weighted + 1e-12
+    assert unweighted.error <= weighted.error + 1e-12
+
+
+def test_prior_eta_keeps_underdetermined_layer_near_float():
+    layer, x, y, h = _problem(c_in=8, size=3)  # more unknowns than voxels
+    w0 = weight_matrix(layer).detach()
+    dist = {}
+    for eta in (1e-3, 1e3):
+        _, sol = _solve(layer, x, y, None, bits=4, eta_factor=eta, iterations=40, rtn_candidate=False)
+        dist[eta] = float((sol.weight - w0).norm())
+    assert dist[1e3] < dist[1e-3]
+
+
+def test_rtn_method_keeps_float_bias_and_rtn_weights():
+    layer, x, y, h = _problem()
+    _, sol = _solve(layer, x, y, h, method="rtn")
+    assert sol.best_iteration == -1 and sol.error == sol.rtn_error
+    assert torch.equal(sol.bias.reshape(-1), layer.bias.detach())
+
+
+def test_layer_without_bias():
+    layer, x, y, h = _problem(bias=False)
+    _, sol = _solve(layer, x, y, h, iterations=30)
+    assert sol.bias is None and sol.error <= sol.rtn_error
