@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai_efficientq import load_quantized
+from monai_efficientq.cli import build_network, load_float_weights, quantize, report
+
+from nets import tiny_segresnet
+
+NET = "monai.networks.nets.SegResNet"
+KWARGS = json.dumps({"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "init_filters": 8,
+                     "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]})
+
+
+@pytest.fixture()
+def files(tmp_path):
+    net = tiny_segresnet()
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    vol = np.zeros((20, 22, 18), dtype=np.float32)
+    vol[3:17, 4:18, 2:16] = np.random.default_rng(0).random((14, 14, 14)) * 100 + 50
+    img = tmp_path / "calib.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), img)
+    return net, ckpt, img, tmp_path
+
+
+def test_quantize_writes_checkpoint_and_report(files, capsys):
+    net, ckpt, img, tmp = files
+    out = tmp / "out" / "q.pt"
+    quantize(str(ckpt), str(img), network=NET, network_kwargs=KWARGS, output=str(out), roi_size=16,
+             weight_bits=3, act_bits=4, iterations=3, quiet=True)
+    assert out.exists() and (tmp / "out" / "q.json").exists() and (tmp / "out" / "q.md").exists()
+    rep = json.loads((tmp / "out" / "q.json").read_text())
+    assert rep["calibration_shape"] == [1, 1, 16, 16, 16]
+    assert rep["config"]["weight_bits"] == 3
+    qnet = load_quantized(tiny_segresnet(seed=1), out)
+    assert sum(hasattr(m, "weight_codes") for m in qnet.modules()) == len(rep["layers"])
+    assert "EfficientQ quantization report" in report(str(out))
+    assert "| 0 |" in report(str(tmp / "out" / "q.json"))
+
+
+def test_bundle_config_network(tmp_path):
+    cfg = tmp_path / "configs" / "inference.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({"network_def": {"_target_": NET, **json.loads(KWARGS)}}))
+    net = build_network(config_file=str(cfg), network_id="network_def")
+    assert type(net).__name__ == "SegResNet"
+    with pytest.raises(KeyError, match="--network_id"):
+        build_network(config_file=str(cfg), network_id="nope")
+
+
+def test_checkpoint_that_does_not_match(files):
+    net, ckpt, img, tmp = files
+    other = build_network(NET, json.dumps({**json.loads(KWARGS), "init_filters": 16}))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_float_weights(other, str(ckpt))
+    state = torch.load(ckpt)
+    state["extra.weight"] = torch.zeros(1)
+    del state["convInit.conv.weight"]
+    torch.save({"model": state}, tmp / "bad.pt")
+    with pytest.raises(ValueError, match="1 missing key.*1 unexpected key"):
+        load_float_weights(tiny_segresnet(), str(tmp / "bad.pt"))
+
+
+def test_wrong_channels_in_nifti(files):
+    net, ckpt, img, tmp = files
+    vol = np.random.default_rng(0).random((16, 16, 16, 2)).astype(np.float32)
+    two = tmp / "two.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), two)
+    with pytest.raises(ValueError, match="2 channel.*expects 1"):
+        quantize(str(ckpt), str(two), network=NET, network_kwargs=KWARGS, output=str(tmp / "q.pt"), quiet=True)
+    assert not (tmp / "q.pt").exists()
+
+
+def test_command_line_errors_are_clean(files):
+    net, ckpt, img, tmp = files
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    base = [sys.executable, "-m", "monai_efficientq.cli", "quantize", "--checkpoint", str(ckpt),
+            "--network", NET, "--network_kwargs", KWARGS, "--output", str(tmp / "q.pt")]
+    bad_bits = subprocess.run(base + ["--calib", str(img), "--weight_bits", "9"], capture_output=True, text=True, env=env)
+    assert bad_bits.returncode == 2
+    assert "weight_bits=9 is not supported" in bad_bits.stderr and "Traceback" not in bad_bits.stderr
+    missing = subprocess.run(base + ["--calib", str(tmp / "nope.nii.gz")], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "calibration volume not found" in missing.stderr
+    assert not (tmp / "q.pt").exists()
+    helptext = subprocess.run([sys.executable, "-m", "monai_efficientq.cli", "quantize", "--help"],
+                              capture_output=True, text=True, env={**env, "PAGER": "cat"})
+    for flag in ("--weight_bits", "--act_bits", "--roi_size", "--preset", "--device", "--config_file"):
+        assert flag in helptext.stdout + helptext.stderr
