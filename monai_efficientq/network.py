@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -22,7 +23,16 @@ from torch import nn
 from .attention import AttentionMaps, label_to_scores
 from .config import EfficientQConfig
 from .folding import find_conv_bn_pairs, fold_batchnorm, set_submodule
-from .layers import QUANTIZABLE_TYPES, input_patches, is_quantizable, num_output_voxels, output_matrix, weight_matrix
+from .layers import (
+    QUANTIZABLE_TYPES,
+    input_patches,
+    is_quantizable,
+    layer_forward,
+    matrix_to_weight,
+    num_output_voxels,
+    output_matrix,
+    weight_matrix,
+)
 from .modules import QuantizedMixin, build_quantized
 from .quantizer import ActQuantizer, UniformGrid
 from .report import LayerRecord, QuantizationReport
@@ -214,9 +224,14 @@ class _QuantizingRun:
         )
         for cols, patches in input_patches(layer, xq.to(self.device), cfg.chunk_bytes, self.dtype):
             solver.add(patches, y_mat[..., cols].to(self.device), h[cols] if h is not None else None)
-        del y, y_mat
+        del y_mat
         sol = solver.solve(attention_mean=float(h.mean()) if h is not None else 1.0)
         q_bias = sol.bias.reshape(-1).to(layer.weight.dtype) if sol.bias is not None else None
+        if math.isnan(sol.error):  # unweighted errors, measured directly by the layer's forward
+            y = y.to(self.device)
+            sol.error = _relative_error(layer, xq, sol.weight, sol.bias, y)
+            sol.rtn_error = _relative_error(layer, xq, sol.rtn_weight, layer.bias, y)
+        del y
         qlayer = build_quantized(
             layer, sol.codes, sol.scale.to(torch.float32), q_bias, weight_bits, cfg.weight_grid,
             cfg.weight_scale == "channel", act_quant,
@@ -237,6 +252,16 @@ class _QuantizingRun:
         if self.progress is not None:
             self.progress.update(1)
         return qlayer(x)
+
+
+def _relative_error(
+    layer: nn.Module, xq: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
+) -> float:
+    """``‖layer(xq; weight, bias) − y‖² / ‖y‖²`` with a weight in equivalent-convolution layout."""
+    w = matrix_to_weight(layer, weight.to(layer.weight.dtype))
+    b = bias.reshape(-1).to(layer.weight.dtype) if bias is not None else None
+    out = layer_forward(layer, xq.to(y.device), w, b)
+    return float((out - y).double().pow(2).sum() / y.double().pow(2).sum().clamp_min(1e-300))
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:

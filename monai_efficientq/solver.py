@@ -49,13 +49,16 @@ class LayerSolution:
     ``codes`` (int64, ``(groups, C_out/groups, K)``) and ``scale`` (``(rows, 1)``) belong to the same
     iterate; ``weight`` is their dequantized product in the same layout; ``bias`` is float.
     Errors are squared output errors on the calibration data relative to ``‖Y‖²`` (weighted by the
-    attention map, and unweighted).
+    attention map, and unweighted). The unweighted ones come from the Gram statistics only when those were
+    accumulated (unweighted best-iterate selection, or no attention); otherwise they are ``nan`` and the
+    caller measures them (the network driver does, by a direct forward of the layer).
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
+    rtn_weight: torch.Tensor
     rtn_error: float
     rtn_error_weighted: float
     error: float
@@ -137,6 +140,7 @@ class LayerSolver:
         self._h_sum = 0.0
         self._h_count = 0
         self._seen = 0
+        self._uniform = True  # no attention weights streamed so far
 
     def _with_ones(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_bias:
@@ -155,6 +159,7 @@ class LayerSolver:
         x = self._with_ones(x.to(self.dtype))
         y = y.to(self.dtype)
         hw = h.to(self.dtype) if h is not None else None
+        self._uniform = self._uniform and hw is None
         self._y_sum += float(y.sum())
         self._y_sq += float((y * y).sum())
         self._y_count += y.numel()
@@ -167,7 +172,7 @@ class LayerSolver:
             self._cols_h.append(hw if hw is not None else x.new_ones(x.shape[-1]))
             return
         self.weighted.add(x, y, hw)
-        if hw is not None:
+        if hw is not None and self.settings.best_iterate_error == "unweighted":
             if self.unweighted is None:
                 self.unweighted = _ErrorTerms()
             self.unweighted.add(x, y, None)
@@ -194,8 +199,9 @@ class LayerSolver:
                 unweighted += float(e2.sum())
             return weighted, unweighted
         weighted = self.weighted.error(wb)
-        unweighted = self.unweighted.error(wb) if self.unweighted is not None else weighted
-        return weighted, unweighted
+        if self.unweighted is not None:
+            return weighted, self.unweighted.error(wb)
+        return weighted, weighted if self._uniform else math.nan
 
     def _yy(self) -> tuple[float, float]:
         if self.mode == "woodbury":
@@ -204,7 +210,9 @@ class LayerSolver:
                 float(sum((y * y).sum() for y in self._cols_y)),
             )
         yy_w = self.weighted.yy
-        return yy_w, self.unweighted.yy if self.unweighted is not None else yy_w
+        if self.unweighted is not None:
+            return yy_w, self.unweighted.yy
+        return yy_w, yy_w if self._uniform else math.nan
 
     def _project(self, v: torch.Tensor, init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = v.reshape(-1, v.shape[-1])
@@ -269,7 +277,7 @@ class LayerSolver:
         if attention_mean is None:
             attention_mean = self._h_sum / max(self._h_count, 1)
         yy_w, yy_u = self._yy()
-        yy_w, yy_u = max(yy_w, 1e-300), max(yy_u, 1e-300)
+        yy_w, yy_u = max(yy_w, 1e-300), max(yy_u, 1e-300) if not math.isnan(yy_u) else yy_u
 
         # round to nearest: the floor, and a candidate iterate
         rtn_w, rtn_scale, rtn_codes = self._project(self.w0, None)
@@ -287,7 +295,7 @@ class LayerSolver:
                 best["err"] = math.inf
             self._admm(s, best, history, rtn_scale)
         solution = LayerSolution(
-            codes=best["codes"], scale=best["scale"], weight=best["weight"], bias=best["bias"],
+            codes=best["codes"], scale=best["scale"], weight=best["weight"], bias=best["bias"], rtn_weight=rtn_w,
             rtn_error=rtn_err_u / yy_u, rtn_error_weighted=rtn_err_w / yy_w,
             error=best["errs"][1] / yy_u, error_weighted=best["errs"][0] / yy_w,
             best_iteration=best["iteration"], solver=self.mode if st.method == "efficientq" else "rtn",
