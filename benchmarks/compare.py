@@ -47,6 +47,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -864,100 +865,104 @@ def compare(
     crop, crop_label, box = calibration_crop(calib_image, calib_label, _spatial_tuple(calib_roi, dims), divisor)
     x = crop[None]
     label = crop_label[None] if crop_label is not None else None
-    workdir = checkpoint_dir or tempfile.mkdtemp(prefix="compare_ckpt_")
-    os.makedirs(workdir, exist_ok=True)
     opts = {
         "iterations": int(iterations), "lr_iterations": int(lr_iterations), "prediction": prediction,
         "device": str(dev), "threads": threads, "keep_checkpoints": bool(keep_checkpoints),
         "brevitas_fold_bn": bool(brevitas_fold_bn), "brevitas_weight_scale": brevitas_weight_scale,
         "brevitas_act_scale": brevitas_act_scale,
     }
-    has_brevitas = brevitas_available()
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("monai", "brevitas", "monai_efficientq"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                versions[mod] = importlib.import_module(mod).__version__
-        except Exception:
-            versions[mod] = None
-    plan = float_plan(net, x, fold_bn=True)
-    plan_brevitas = plan if brevitas_fold_bn else float_plan(net, x, fold_bn=False)
-    memory_note = (
-        "CUDA max_memory_allocated of the quantization step (reset before each row)" if dev.type == "cuda" else
-        ("CPU: peak RSS of a fresh spawn child per row, read right after quantization (rss_before_mb: the child's "
-         "RSS before quantizing)" if isolate else "CPU: process peak RSS, cumulative over rows (run with --isolate "
-         "True for a clean per-row peak)")
-    )
-    results: dict[str, Any] = {
-        "meta": {
-            **(meta or {}),
-            "methods": methods, "settings": settings, "device": str(dev), "threads": torch.get_num_threads(),
-            "iterations": int(iterations), "lr_iterations": int(lr_iterations), "prediction": prediction,
-            "roi_size": list(roi), "overlap": overlap, "sw_batch_size": sw_batch_size,
-            "include_background": prediction == "sigmoid", "calib_crop": box, "calib_shape": list(x.shape),
-            "eval_cases": len(eval_cases), "class_names": class_names, "isolate": isolate,
-            "memory_note": memory_note, "versions": versions, "float_bytes": sum(
-                t.numel() * t.element_size() for t in net.state_dict().values()),
-            "quantized_layers": plan["order"], "folded_batchnorm": plan["bn_pairs"],
-            "brevitas_fold_bn": bool(brevitas_fold_bn), "brevitas_weight_scale": brevitas_weight_scale,
-            "brevitas_act_scale": brevitas_act_scale, "brevitas_notes": BREVITAS_NOTES,
-            "checkpoint_dir": workdir if keep_checkpoints else None,
-        },
-        "rows": [],
-    }
-    buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
-    results["meta"]["float_checkpoint_bytes"] = buf.tell()
-    md_path = markdown or (os.path.splitext(out)[0] + ".md" if out else None)
+    workdir = checkpoint_dir or tempfile.mkdtemp(prefix="compare_ckpt_")
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        has_brevitas = brevitas_available()
+        versions = {"torch": torch.__version__, "python": platform.python_version()}
+        for mod in ("monai", "brevitas", "monai_efficientq"):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    versions[mod] = importlib.import_module(mod).__version__
+            except Exception:
+                versions[mod] = None
+        plan = float_plan(net, x, fold_bn=True)
+        plan_brevitas = plan if brevitas_fold_bn else float_plan(net, x, fold_bn=False)
+        memory_note = (
+            "CUDA max_memory_allocated of the quantization step (reset before each row)" if dev.type == "cuda" else
+            ("CPU: peak RSS of a fresh spawn child per row, read right after quantization (rss_before_mb: the child's "
+             "RSS before quantizing)" if isolate else "CPU: process peak RSS, cumulative over rows (run with --isolate "
+             "True for a clean per-row peak)")
+        )
+        results: dict[str, Any] = {
+            "meta": {
+                **(meta or {}),
+                "methods": methods, "settings": settings, "device": str(dev), "threads": torch.get_num_threads(),
+                "iterations": int(iterations), "lr_iterations": int(lr_iterations), "prediction": prediction,
+                "roi_size": list(roi), "overlap": overlap, "sw_batch_size": sw_batch_size,
+                "include_background": prediction == "sigmoid", "calib_crop": box, "calib_shape": list(x.shape),
+                "eval_cases": len(eval_cases), "class_names": class_names, "isolate": isolate,
+                "memory_note": memory_note, "versions": versions, "float_bytes": sum(
+                    t.numel() * t.element_size() for t in net.state_dict().values()),
+                "quantized_layers": plan["order"], "folded_batchnorm": plan["bn_pairs"],
+                "brevitas_fold_bn": bool(brevitas_fold_bn), "brevitas_weight_scale": brevitas_weight_scale,
+                "brevitas_act_scale": brevitas_act_scale, "brevitas_notes": BREVITAS_NOTES,
+                "checkpoint_dir": workdir if keep_checkpoints else None,
+            },
+            "rows": [],
+        }
+        buf = io.BytesIO()
+        torch.save(net.state_dict(), buf)
+        results["meta"]["float_checkpoint_bytes"] = buf.tell()
+        md_path = markdown or (os.path.splitext(out)[0] + ".md" if out else None)
 
-    def flush() -> None:
-        if out:
-            _write_text(out, json.dumps(results, indent=2, default=str))
-        if md_path:
-            _write_text(md_path, to_markdown(results))
+        def flush() -> None:
+            if out:
+                _write_text(out, json.dumps(results, indent=2, default=str))
+            if md_path:
+                _write_text(md_path, to_markdown(results))
 
-    evaluator = Evaluator(eval_cases, roi, overlap, sw_batch_size, prediction, class_names, str(dev))
-    _log(f"float evaluation on {len(eval_cases)} case(s)")
-    net_dev = copy.deepcopy(net).to(dev)
-    float_res = evaluator.evaluate(net_dev)
-    evaluator.float_preds = float_res.pop("_preds")
-    del net_dev
-    float_row = {
-        "method": "float", "setting": "float", "weight_bits": 32, "act_bits": None, "status": "ok",
-        "checkpoint_bytes": results["meta"]["float_checkpoint_bytes"], "checkpoint_kind": "torch.save(state_dict)",
-        "quant_seconds": 0.0, **float_res,
-    }
-    float_row["dice_vs_float"] = {k: 1.0 for k in float_res.get("dice", {})} or None
-    float_row["mean_dice_vs_float"] = 1.0
-    results["rows"].append(float_row)
-    flush()
-    _log(f"float: mean Dice {_fmt(float_row.get('mean_dice'))}")
+        evaluator = Evaluator(eval_cases, roi, overlap, sw_batch_size, prediction, class_names, str(dev))
+        _log(f"float evaluation on {len(eval_cases)} case(s)")
+        net_dev = copy.deepcopy(net).to(dev)
+        float_res = evaluator.evaluate(net_dev)
+        evaluator.float_preds = float_res.pop("_preds")
+        del net_dev
+        float_row = {
+            "method": "float", "setting": "float", "weight_bits": 32, "act_bits": None, "status": "ok",
+            "checkpoint_bytes": results["meta"]["float_checkpoint_bytes"], "checkpoint_kind": "torch.save(state_dict)",
+            "quant_seconds": 0.0, **float_res,
+        }
+        float_row["dice_vs_float"] = {k: 1.0 for k in float_res.get("dice", {})} or None
+        float_row["mean_dice_vs_float"] = 1.0
+        results["rows"].append(float_row)
+        flush()
+        _log(f"float: mean Dice {_fmt(float_row.get('mean_dice'))}")
 
-    for setting in settings:
-        for method in methods:
-            if method == "float":
-                continue
-            if method in BREVITAS and not has_brevitas:
-                results["rows"].append({"method": method, "setting": setting, "status":
-                                        "not run: brevitas is not installed (pip install -e .[bench])"})
+        for setting in settings:
+            for method in methods:
+                if method == "float":
+                    continue
+                if method in BREVITAS and not has_brevitas:
+                    results["rows"].append({"method": method, "setting": setting, "status":
+                                            "not run: brevitas is not installed (pip install -e .[bench])"})
+                    flush()
+                    continue
+                job = {
+                    "method": method, "setting": setting, "net": net, "x": x, "label": label,
+                    "plan": plan_brevitas if method in BREVITAS else plan, "opts": opts, "evaluator": evaluator,
+                    "workdir": workdir,
+                }
+                _log(f"{method} {setting} ...")
+                row = _run_isolated(job) if isolate else run_row(job)
+                results["rows"].append(row)
                 flush()
-                continue
-            job = {
-                "method": method, "setting": setting, "net": net, "x": x, "label": label,
-                "plan": plan_brevitas if method in BREVITAS else plan, "opts": opts, "evaluator": evaluator,
-                "workdir": workdir,
-            }
-            _log(f"{method} {setting} ...")
-            row = _run_isolated(job) if isolate else run_row(job)
-            results["rows"].append(row)
-            flush()
-            _log(
-                f"{method} {setting}: {row['status'][:200]} mean Dice {_fmt(row.get('mean_dice'))} vs float "
-                f"{_fmt(row.get('mean_dice_vs_float'))} in {_fmt(row.get('quant_seconds'), 1)} s"
-            )
-    flush()
-    return results
+                _log(
+                    f"{method} {setting}: {row['status'][:200]} mean Dice {_fmt(row.get('mean_dice'))} vs float "
+                    f"{_fmt(row.get('mean_dice_vs_float'))} in {_fmt(row.get('quant_seconds'), 1)} s"
+                )
+        flush()
+        return results
+    finally:
+        if checkpoint_dir is None and not keep_checkpoints:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run(
@@ -1115,45 +1120,48 @@ def timing(
         "brevitas_weight_scale": "stats", "brevitas_act_scale": "mse",
     }
     workdir = tempfile.mkdtemp(prefix="compare_timing_")
-    with torch.no_grad():  # warm-up (CUDA context, cuDNN) outside the timed region
-        copy.deepcopy(net).to(dev)(x.to(dev))
-    plan = float_plan(copy.deepcopy(net).to(dev), x.to(dev), fold_bn=True)
-    report: dict[str, Any] = {
-        "network": "SegResNet(blocks_down=(1,2,2,4), init_filters=16, in 4, out 3), random weights",
-        "parameters": sum(p.numel() for p in net.parameters()), "input": list(x.shape), "setting": setting,
-        "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
-        "threads": torch.get_num_threads(), "iterations": int(iterations), "lr_iterations": int(lr_iterations),
-        "layers": len(plan["order"]), "rows": [],
-    }
-    print(f"timing: {report['network']}, {report['parameters'] / 1e6:.2f} M params, {report['layers']} layers, "
-          f"input {tuple(x.shape)}, {setting}, on {dev}", flush=True)
-    for method in _as_list(methods):
-        rss0 = _rss_now_mb()
-        _reset_peak(dev)
-        try:
-            if method in OURS:
-                _, info = quantize_ours(method, net, x, None, wbits, abits, opts, workdir)
-            elif method in BREVITAS:
-                _, info = quantize_brevitas(method, net, x, wbits, abits, plan, opts, workdir)
-            else:
-                raise ValueError(f"unknown method {method!r}")
-            seconds = info["quant_seconds"]
-            peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
-            row = {"method": method, "seconds": seconds, "peak_memory_mb": peak, "status": "ok",
-                   "layers_optimised": info.get("layers_optimised"), "layers_total": info.get("layers_total")}
-            print(f"{method:>24s} {setting}: {seconds:8.1f} s   peak {peak:8.0f} MB"
-                  f"{'' if dev.type == 'cuda' else ' (process RSS, cumulative; was ' + format(rss0, '.0f') + ' MB before)'}"
-                  f"   layers optimised {row['layers_optimised']}/{row['layers_total']}", flush=True)
-        except Exception as err:
-            row = {"method": method, "status": f"failed: {type(err).__name__}: {err}",
-                   "traceback": traceback.format_exc(limit=8)}
-            print(f"{method:>24s} {setting}: FAILED {type(err).__name__}: {err}", flush=True)
-        report["rows"].append(row)
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    if out:
-        _write_text(out, json.dumps(report, indent=2))
+    try:
+        with torch.no_grad():  # warm-up (CUDA context, cuDNN) outside the timed region
+            copy.deepcopy(net).to(dev)(x.to(dev))
+        plan = float_plan(copy.deepcopy(net).to(dev), x.to(dev), fold_bn=True)
+        report: dict[str, Any] = {
+            "network": "SegResNet(blocks_down=(1,2,2,4), init_filters=16, in 4, out 3), random weights",
+            "parameters": sum(p.numel() for p in net.parameters()), "input": list(x.shape), "setting": setting,
+            "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+            "threads": torch.get_num_threads(), "iterations": int(iterations), "lr_iterations": int(lr_iterations),
+            "layers": len(plan["order"]), "rows": [],
+        }
+        print(f"timing: {report['network']}, {report['parameters'] / 1e6:.2f} M params, {report['layers']} layers, "
+              f"input {tuple(x.shape)}, {setting}, on {dev}", flush=True)
+        for method in _as_list(methods):
+            rss0 = _rss_now_mb()
+            _reset_peak(dev)
+            try:
+                if method in OURS:
+                    _, info = quantize_ours(method, net, x, None, wbits, abits, opts, workdir)
+                elif method in BREVITAS:
+                    _, info = quantize_brevitas(method, net, x, wbits, abits, plan, opts, workdir)
+                else:
+                    raise ValueError(f"unknown method {method!r}")
+                seconds = info["quant_seconds"]
+                peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
+                row = {"method": method, "seconds": seconds, "peak_memory_mb": peak, "status": "ok",
+                       "layers_optimised": info.get("layers_optimised"), "layers_total": info.get("layers_total")}
+                print(f"{method:>24s} {setting}: {seconds:8.1f} s   peak {peak:8.0f} MB"
+                      f"{'' if dev.type == 'cuda' else ' (process RSS, cumulative; was ' + format(rss0, '.0f') + ' MB before)'}"
+                      f"   layers optimised {row['layers_optimised']}/{row['layers_total']}", flush=True)
+            except Exception as err:
+                row = {"method": method, "status": f"failed: {type(err).__name__}: {err}",
+                       "traceback": traceback.format_exc(limit=8)}
+                print(f"{method:>24s} {setting}: FAILED {type(err).__name__}: {err}", flush=True)
+            report["rows"].append(row)
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        if out:
+            _write_text(out, json.dumps(report, indent=2))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> None:

@@ -55,8 +55,12 @@ class UniformGrid:
 
     def codes(self, normalised: torch.Tensor) -> torch.Tensor:
         """Nearest code of each normalised value (``value / scale``), as int64."""
-        k = torch.round((normalised - self.first) / self.step)
-        return k.clamp_(0, self.num_levels - 1).to(torch.int64)
+        return self.float_codes(normalised).to(torch.int64)
+
+    def float_codes(self, normalised: torch.Tensor) -> torch.Tensor:
+        """Nearest code of each normalised value, as whole numbers in ``normalised``'s dtype (no int copy)."""
+        k = torch.round((normalised - self.first) * (1.0 / self.step))
+        return k.clamp_(0, self.num_levels - 1)
 
     def levels(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Normalised level of each code."""
@@ -67,10 +71,9 @@ def _rows(values: torch.Tensor, per_row: bool) -> torch.Tensor:
     return values.reshape(values.shape[0], -1) if per_row else values.reshape(1, -1)
 
 
-def _sq_error(v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid) -> tuple[torch.Tensor, torch.Tensor]:
-    codes = grid.codes(v / scale)
-    err = (v - scale * grid.levels(codes, v.dtype)).pow(2).sum(dim=-1, keepdim=True)
-    return err, codes
+def _sq_error(v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
+    levels = grid.float_codes(v / scale).mul_(grid.step).add_(grid.first)
+    return (v - scale * levels).pow_(2).sum(dim=-1, keepdim=True)
 
 
 def _best_of_sweep(
@@ -82,7 +85,7 @@ def _best_of_sweep(
     per_chunk = max(1, 2**22 // max(v.numel(), 1))
     for i in range(0, points, per_chunk):
         cand = fracs[i : i + per_chunk].view(-1, 1, 1) * unit
-        errs.append(_sq_error(v, cand, grid)[0])
+        errs.append(_sq_error(v, cand, grid))
     err = torch.cat(errs)  # (points, rows, 1)
     idx = err.topk(min(keep, points), dim=0, largest=False).indices
     return fracs[idx] * unit
@@ -94,15 +97,15 @@ def fit_scale(
     per_row: bool = False,
     init: torch.Tensor | None = None,
     max_iter: int = 30,
-    rtol: float = 1e-7,
+    rtol: float = 1e-5,
     coarse_points: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit scale(s) and codes jointly by alternating least squares, in float64.
 
     The alternation ``B = round_to_grid(v / a)``, ``a = <B, v> / <B, B>`` never increases the squared
-    error but stops in a local optimum, so it runs from several starts at once: ``mean|v|`` and either
-    ``init`` (a warm start, e.g. the previous ADMM iterate's scale) or, without it, the 4 best of a sweep
-    of ``coarse_points`` scales up to 1.5·``max|v|`` over the largest level. Each start iterates until the relative change of the
+    error but stops in a local optimum, so without ``init`` it runs from several starts at once:
+    ``mean|v|`` and the 4 best of a sweep of ``coarse_points`` scales up to 1.5·``max|v|`` over the largest
+    level. With ``init`` (a warm start, e.g. the previous ADMM iterate's scale) it starts from there. Each start iterates until the relative change of the
     scales is below ``rtol`` or ``max_iter`` is reached. It never raises on non-convergence: the best
     scale seen is returned with its own codes.
 
@@ -127,13 +130,13 @@ def fit_scale(
     zero_rows = absmax == 0
     safe_max = torch.where(zero_rows, torch.ones_like(absmax), absmax)
 
-    starts = [v.abs().mean(dim=1, keepdim=True)]
     if init is None:
+        starts = [v.abs().mean(dim=1, keepdim=True)]
         points = coarse_points or int(min(128, max(16, 2**22 // max(v.numel(), 1))))
         starts += list(_best_of_sweep(v, safe_max / grid.max_abs, grid, points, keep=4))
     else:
         init_t = torch.as_tensor(init, dtype=torch.float64, device=v.device).reshape(-1, 1).expand_as(absmax)
-        starts.append(torch.where(init_t > 0, init_t, safe_max / grid.max_abs))
+        starts = [torch.where(init_t > 0, init_t, safe_max / grid.max_abs)]
     scale = torch.stack(starts)  # (starts, rows, 1)
     scale = torch.where(zero_rows | (scale <= 0), torch.ones_like(scale), scale)
 
@@ -141,8 +144,8 @@ def fit_scale(
     best_scale = scale[0].clone()
     prev_codes = None
     for it in range(max_iter + 1):
-        codes = grid.codes(v / scale)
-        levels = grid.levels(codes, torch.float64)
+        codes = grid.float_codes(v / scale)
+        levels = codes * grid.step + grid.first
         err = (v - scale * levels).pow_(2).sum(dim=-1, keepdim=True)
         err_min, which = err.min(dim=0)
         better = err_min < best_err
