@@ -7,7 +7,7 @@ six warped / intensity-altered subjects for evaluation).
 Preprocessing expected by the trained model (train and inference alike):
     LoadImage -> EnsureChannelFirst -> float32 -> NormalizeIntensity(nonzero=True)
 i.e. (1, H, W, D) input at 2 mm, brain voxels z-scored, background kept at 0.
-Inference: SlidingWindowInferer(roi_size=96^3, overlap=0.25), argmax over 4 channels
+Inference: SlidingWindowInferer(roi_size=64^3, overlap=0.25), argmax over 4 channels
 (0 background, 1 CSF, 2 GM, 3 WM).
 
 Usage (from any directory)::
@@ -37,6 +37,7 @@ from monai.losses import DiceCELoss  # noqa: E402
 from monai.metrics import DiceMetric  # noqa: E402
 from monai.networks.nets import SegResNet, UNet  # noqa: E402
 from monai.transforms import (  # noqa: E402
+    BorderPadd,
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
@@ -95,6 +96,24 @@ def inference_transforms():
     )
 
 
+class ZeroOutsideLabeld(MapTransform):
+    """Set the image to 0 where the label is background (after the spatial transforms).
+
+    The data's label rule is "background <=> T1 == 0"; bilinear resampling of the image against
+    nearest resampling of the label would otherwise leave a rim of non-zero background voxels.
+    """
+
+    def __init__(self, keys, label_key="label"):
+        super().__init__(keys)
+        self.label_key = label_key
+
+    def __call__(self, data):
+        d = dict(data)
+        for k in self.keys:
+            d[k] = d[k] * (d[self.label_key] > 0)
+        return d
+
+
 class KeepBrainMaskd(MapTransform):
     """Store (``store=True``) or re-apply the brain mask (image > 0 of the raw image).
 
@@ -131,7 +150,7 @@ def train_transforms(args):
             keys=["image", "label"],
             label_key="label",
             spatial_size=(pre, pre, pre),
-            pos=3,
+            pos=1,
             neg=1,
             num_samples=args.batch,
             allow_smaller=True,
@@ -159,6 +178,7 @@ def train_transforms(args):
             )
         )
     xforms.append(RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0))  # left-right
+    xforms.append(ZeroOutsideLabeld(keys="image"))
     return Compose(xforms)
 
 
@@ -194,7 +214,8 @@ def main():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--roi", type=int, default=64, help="training crop size")
-    p.add_argument("--eval-roi", type=int, default=96, help="sliding-window roi for evaluation")
+    p.add_argument("--eval-roi", type=int, default=64, help="sliding-window roi for evaluation")
+    p.add_argument("--pad", type=int, default=16, help="zero border added to the template before cropping")
     p.add_argument("--elastic-prob", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--val-every", type=int, default=0, help="evaluate on the calibration volume every N steps")
@@ -222,6 +243,9 @@ def main():
     # undo the z-scoring for the cached copy: intensity augmentation works on raw intensities
     raw = LoadImaged(keys="image", image_only=True)({"image": os.path.join(args.data, train_item["image"])})["image"]
     base = {"image": torch.as_tensor(np.asarray(raw), dtype=torch.float32)[None], "label": torch.as_tensor(base["label"])}
+    # zero-pad (= background) so that crops are not all forced to the volume centre: the sliding-window
+    # inferer's corner windows contain mostly background, training crops must too
+    base = BorderPadd(keys=["image", "label"], spatial_border=args.pad)(base)
     aug = train_transforms(args)
     aug.set_random_state(seed=args.seed)
 
@@ -295,13 +319,13 @@ def write_report(args, per_class, per_case, calib_pc, train_time, eval_time):
         f"({train_time / 60:.1f} min), eval {eval_time:.0f} s",
         f"- iterations {args.iters}, batch {args.batch} crops of {args.roi}^3, seed {args.seed}, Adam lr {args.lr} "
         f"(weight decay 1e-5, poly 0.9 decay), DiceCELoss(to_onehot_y=True, softmax=True)",
-        "- training data: `data/template/t1.nii.gz` + `label.nii.gz` (ICBM152 2009a at 2 mm), augmented:",
+        f"- training data: `data/template/t1.nii.gz` + `label.nii.gz` (ICBM152 2009a at 2 mm), zero-padded by {args.pad}, augmented:",
         "  RandBiasField(degree 3, coeff 0-0.12, p 0.8), RandAdjustContrast(gamma 0.6-1.6, p 0.8), "
         "RandGaussianNoise(std U(0,14) on 0-255, p 0.8), background re-zeroed, NormalizeIntensity(nonzero=True), "
-        f"RandCropByPosNegLabel({int(round(args.roi * 1.375))}^3, pos 3 neg 1), "
+        f"RandCropByPosNegLabel({int(round(args.roi * 1.375))}^3, pos 1 neg 1), "
         f"RandAffine(to {args.roi}^3, rot +-0.26 rad, scale +-0.15, shift +-4 vox), "
         + (f"Rand3DElastic(sigma 5-8, magnitude 50-150, p {args.elastic_prob}), " if args.elastic_prob > 0 else "")
-        + "RandFlip(left-right, p 0.5)",
+        + "RandFlip(left-right, p 0.5), image zeroed where label is background",
         "- preprocessing the model expects: LoadImage -> EnsureChannelFirst -> float32 -> NormalizeIntensity(nonzero=True); "
         "2 mm input, channel-first (1, H, W, D); output 4 logits (0 bg, 1 CSF, 2 GM, 3 WM), argmax",
         f"- inference: SlidingWindowInferer(roi_size=({args.eval_roi},)*3, sw_batch_size=1, overlap=0.25)",
