@@ -32,6 +32,7 @@ from torch import nn
 
 __all__ = [
     "default_bundle_root",
+    "cli_value",
     "datalist_items",
     "inference_items",
     "check_inputs",
@@ -39,6 +40,7 @@ __all__ = [
     "write_results",
     "is_packed_checkpoint",
     "load_network",
+    "export_torchscript",
     "QuantizedCheckpointLoader",
 ]
 
@@ -67,6 +69,40 @@ def default_bundle_root() -> str:
             return os.path.dirname(root) if os.path.basename(root) == "configs" else root
         frame = frame.f_back
     return os.getcwd()
+
+
+_NONE_WORDS = ("none", "null", "float")
+
+
+def _argv_sets_none(name: str, argv: Sequence[str]) -> bool:
+    flag = f"--{name}"
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv) and argv[i + 1].strip().lower() in _NONE_WORDS:
+            return True
+        if arg.startswith(flag + "=") and arg[len(flag) + 1 :].strip().lower() in _NONE_WORDS:
+            return True
+    return False
+
+
+def cli_value(name: str, value: Any, argv: Sequence[str] | None = None) -> Any:
+    """``value``, or ``None`` where the user asked for None.
+
+    MONAI's ``run`` drops every override whose value is ``None`` (``update_kwargs(ignore_none=True)``), so
+    ``--act_bits None`` would silently keep the config's default. A config that writes
+    ``"$eqb.cli_value('act_bits', @act_bits)"`` gets ``None`` when the command line holds ``--act_bits None``
+    (or ``--act_bits=None``), and also when the value is one of the strings ``"none"``, ``"null"``,
+    ``"float"`` (any case; for the Python API: ``monai.bundle.run(..., act_bits="none")``).
+
+    Args:
+        name: the config id, as written after ``--`` on the command line.
+        value: the id's resolved value.
+        argv: the command line to look at (default ``sys.argv``).
+    """
+    if isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
+        return None
+    if _argv_sets_none(name, sys.argv[1:] if argv is None else argv):
+        return None
+    return value
 
 
 def _abs(path: str, base: str) -> str:
@@ -207,7 +243,8 @@ def check_inputs(
             raise ValueError(f"invalid EfficientQ setting: {err}") from err
     if class_names is not None and len(class_names) == 0:
         raise ValueError("class_names is empty: give the foreground class names (e.g. ['csf', 'gm', 'wm']).")
-    problems = [p for p in (_writable_target(v, k) for k, v in (output_paths or {}).items()) if p]
+    targets = {k: v for k, v in (output_paths or {}).items() if v is not None}
+    problems = [p for p in (_writable_target(v, k) for k, v in targets.items()) if p]
     if problems:
         raise ValueError("cannot write the outputs: " + "; ".join(problems) + ". Choose another --output_dir.")
     return True
@@ -406,6 +443,54 @@ def load_network(net: nn.Module, path: str | os.PathLike, device: Any = None) ->
     else:
         load_float_weights(net, path)
     return net.eval()
+
+
+def export_torchscript(
+    network: nn.Module,
+    filepath: str | os.PathLike,
+    input_shape: Sequence[int],
+    meta_file: str | None = None,
+    extra_files: Mapping[str, Any] | None = None,
+) -> str:
+    """Save ``network`` (e.g. the quantized one from :func:`load_network`) as TorchScript, by tracing.
+
+    ``python -m monai.bundle ckpt_export`` cannot do this for a packed checkpoint: it loads the checkpoint as a
+    state dict into ``network_def`` (a packed checkpoint is not one). Tracing is used because the quantized
+    layers are not scriptable with ``torch.jit.script`` in this version; the traced graph holds the dequantized
+    weights (float32) and the activation quantizers, so the file is float-sized, not packed. The bundle
+    metadata (``meta_file``) and ``extra_files`` (name -> JSON-able object) are stored in the archive as
+    MONAI's ``save_net_with_metadata`` does; load it with ``torch.jit.load`` or ``monai.data.load_net_with_metadata``.
+
+    Returns:
+        the path written.
+    """
+    from monai.data import save_net_with_metadata
+
+    filepath = os.fspath(filepath)
+    if not filepath.endswith(".ts"):
+        raise ValueError(f"filepath={filepath!r}: give a path ending in .ts.")
+    ref = next(iter(list(network.parameters()) + list(network.buffers())), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(network, torch.rand(*[int(s) for s in input_shape], device=device))
+    network.train(was_training)
+    meta: dict[str, Any] = {}
+    if meta_file is not None and os.path.isfile(meta_file):
+        with open(meta_file, encoding="utf-8") as f:
+            meta = json.load(f)
+    quant_info = getattr(network, "efficientq_info", None)
+    if quant_info is not None:
+        meta["efficientq"] = {"config": quant_info.get("config", {})}
+    more = {k: json.dumps(v).encode("utf-8") for k, v in (extra_files or {}).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(filepath)) or ".", exist_ok=True)
+    save_net_with_metadata(
+        traced, filepath[: -len(".ts")], include_config_vals=False, append_timestamp=False, meta_values=meta,
+        more_extra_files=more,
+    )
+    logger.info("EfficientQ: TorchScript (traced) saved to %s", filepath)
+    return filepath
 
 
 class QuantizedCheckpointLoader:

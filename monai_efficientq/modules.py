@@ -42,10 +42,6 @@ class QuantizedMixin:
         weight_scale: scales ``(rows, 1)`` (float32).
     """
 
-    weight_bits: int
-    weight_grid: str
-    per_channel: bool
-
     def _init_quant(self, bits: int, grid: str, per_channel: bool, act_quant: ActQuantizer | None) -> None:
         self.weight_bits = int(bits)
         self.weight_grid = str(grid)

@@ -205,7 +205,7 @@ class ActQuantizer(nn.Module):
 
     @property
     def num_levels(self) -> int:
-        return 2**self.bits
+        return 1 << self.bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         step = self.step.to(x.dtype)

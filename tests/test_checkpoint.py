@@ -122,3 +122,12 @@ def test_failed_save_keeps_previous_file(tmp_path, quantized_unet, monkeypatch):
         save_quantized(qnet, target)
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.pt"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, quantized_unet):
+    _, qnet, _ = quantized_unet
+    path = tmp_path / "q.pt"
+    save_quantized(qnet, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
