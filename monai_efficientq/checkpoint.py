@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .folding import set_submodule
-from .modules import QuantizedMixin, build_quantized, float_type_name, quantized_class_for
+from .modules import QuantizedMixin, build_quantized, float_type_name
 from .layers import weight_matrix
 from .quantizer import ActQuantizer, pack_codes, unpack_codes
 
@@ -262,7 +262,6 @@ def _layer_from_entry(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
         act = ActQuantizer(spec["bits"], spec["signed"])
         act.step.fill_(spec["step"])
         act.offset.fill_(spec["offset"])
-    quantized_class_for(type(module))  # raises for an unsupported type
     return build_quantized(
         module, codes, entry["scale"].reshape(-1, 1), entry["bias"], entry["bits"], entry["grid"],
         entry["per_channel"], act,

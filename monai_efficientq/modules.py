@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import matrix_to_weight, weight_matrix
+from .layers import matrix_to_weight
 from .quantizer import ActQuantizer, UniformGrid, dequantize
 
 __all__ = [
@@ -226,7 +226,3 @@ def build_quantized(
     q.eval()
     return q
 
-
-def weight_codes_matrix_shape(module: nn.Module) -> tuple[int, ...]:
-    """Shape ``(groups, C_out/groups, K)`` of the codes of ``module``."""
-    return tuple(weight_matrix(module).shape)

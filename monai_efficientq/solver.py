@@ -254,12 +254,12 @@ class LayerSolver:
         return lambda r: r @ m_inv
 
     def _dense_a(self) -> torch.Tensor:
-        if self.mode == "woodbury" or (self.weighted.A is None and self._cols_x):
+        if self.mode == "woodbury":
             return sum((x * h) @ x.transpose(1, 2) for x, h in zip(self._cols_x, self._cols_h))
         return self.weighted.A
 
     def _dense_b(self) -> torch.Tensor:
-        if self.weighted.B is None:
+        if self.mode == "woodbury":
             return sum((y * h) @ x.transpose(1, 2) for x, y, h in zip(self._cols_x, self._cols_y, self._cols_h))
         return self.weighted.B
 

@@ -15,9 +15,9 @@ def tiny_segresnet(out_channels: int = 3, in_channels: int = 1, seed: int = 0) -
     ).eval()
 
 
-def tiny_unet_bn(seed: int = 0) -> nn.Module:
+def tiny_unet_bn(seed: int = 0, out_channels: int = 3, num_res_units: int = 2) -> nn.Module:
     torch.manual_seed(seed)
-    net = UNet(3, 1, 3, channels=(4, 8, 16), strides=(2, 2), num_res_units=2, norm="batch").eval()
+    net = UNet(3, 1, out_channels, channels=(4, 8, 16), strides=(2, 2), num_res_units=num_res_units, norm="batch").eval()
     gen = torch.Generator().manual_seed(seed)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm3d):

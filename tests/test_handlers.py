@@ -16,10 +16,10 @@ from monai.data import DataLoader, Dataset  # noqa: E402
 from monai.engines import SupervisedEvaluator, SupervisedTrainer  # noqa: E402
 from monai.handlers import CheckpointLoader  # noqa: E402
 from monai.losses import DiceLoss  # noqa: E402
-from monai.networks.nets import UNet  # noqa: E402
 from torch import nn  # noqa: E402
 
 import monai_efficientq.handlers as handlers_mod  # noqa: E402
+from nets import tiny_unet_bn  # noqa: E402
 from monai_efficientq import EfficientQConfig, QuantizationReport, load_quantized, quantize_network  # noqa: E402
 from monai_efficientq.handlers import EfficientQHandler  # noqa: E402
 from monai_efficientq.modules import QuantizedMixin  # noqa: E402
@@ -29,14 +29,7 @@ FAST = {"iterations": 5, "progress": False}
 
 
 def make_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm="batch").eval()
-    gen = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return net
+    return tiny_unet_bn(seed, out_channels=2, num_res_units=1)
 
 
 def make_volume(size: int = 16, seed: int = 0) -> torch.Tensor:
