@@ -118,7 +118,40 @@ def packed_state(qnet: nn.Module, report: Any = None) -> dict[str, Any]:
     }
     if report is not None:
         state["report"] = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    _share_storages(state)
     return state
+
+
+def _share_storages(state: dict[str, Any]) -> None:
+    """Make every tensor of ``state`` a view into one storage per dtype, in place.
+
+    ``torch.save`` writes each storage as its own zip record (about 200 bytes of headers and alignment):
+    for a small network at 2 bits that is ~10 % of the file. Views of a shared storage are written once
+    and load back as ordinary tensors, so readers see the same layout.
+    """
+    found: list[tuple[dict, Any, torch.Tensor]] = []
+
+    def collect(container: Any) -> None:
+        items = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, value in items:
+            if isinstance(value, torch.Tensor):
+                found.append((container, key, value))
+            elif isinstance(value, (dict, list)):
+                collect(value)
+
+    collect(state)
+    by_dtype: dict[torch.dtype, list[tuple[dict, Any, torch.Tensor]]] = {}
+    for entry in found:
+        by_dtype.setdefault(entry[2].dtype, []).append(entry)
+    for dtype, entries in by_dtype.items():
+        flat = torch.cat([t.reshape(-1) for _, _, t in entries]) if len(entries) > 1 else None
+        if flat is None:
+            continue
+        offset = 0
+        for container, key, tensor in entries:
+            n = tensor.numel()
+            container[key] = flat[offset : offset + n].view(tensor.shape)
+            offset += n
 
 
 def packed_size(qnet: nn.Module) -> int:

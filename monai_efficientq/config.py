@@ -89,7 +89,8 @@ class EfficientQConfig:
         class_weight_power: ``p`` in ``w_c = (n_max / n_c)^p``.
         solver: ``"auto"`` (Woodbury when output voxels < unknowns, else Cholesky), ``"cholesky"``,
             ``"woodbury"`` or ``"naive"`` (a fresh ``torch.linalg.solve`` every iteration; reference).
-        solver_dtype: dtype name of the Gram matrices and ADMM iterates (``"float64"`` or ``"float32"``).
+        solver_dtype: dtype in which the Gram matrices are summed and ADMM solves (``"float64"`` or
+            ``"float32"``); each im2col chunk's products are computed in the activations' dtype.
         device: where layers are solved (``None``: the network's device).
         target_device: where float targets are kept (``None``: the solve device; ``"cpu"`` saves GPU memory).
         chunk_bytes: memory bound of one im2col chunk when accumulating Gram matrices.

@@ -222,16 +222,24 @@ class _QuantizingRun:
             weight_matrix(layer).detach().to(self.device), bias.to(self.device) if bias is not None else None,
             grid, cfg.weight_scale == "channel", self.settings, num_output_voxels(layer, y), self.dtype,
         )
-        for cols, patches in input_patches(layer, xq.to(self.device), cfg.chunk_bytes, self.dtype):
-            solver.add(patches, y_mat[..., cols].to(self.device), h[cols] if h is not None else None)
-        del y_mat
-        sol = solver.solve(attention_mean=float(h.mean()) if h is not None else 1.0)
-        q_bias = sol.bias.reshape(-1).to(layer.weight.dtype) if sol.bias is not None else None
-        if math.isnan(sol.error):  # unweighted errors, measured directly by the layer's forward
+        if cfg.method == "rtn":  # no statistics needed: errors by a direct forward
+            del y_mat
+            sol = solver.round_to_nearest()
             y = y.to(self.device)
-            sol.error = _relative_error(layer, xq, sol.weight, sol.bias, y)
-            sol.rtn_error = _relative_error(layer, xq, sol.rtn_weight, layer.bias, y)
+            sol.error, sol.error_weighted = _relative_errors(layer, xq, sol.weight, sol.bias, y, h_map)
+            sol.rtn_error, sol.rtn_error_weighted = sol.error, sol.error_weighted
+        else:
+            # im2col chunks in the activations' dtype; the solver sums their products in solver_dtype
+            for cols, patches in input_patches(layer, xq.to(self.device), cfg.chunk_bytes, xq.dtype):
+                solver.add(patches, y_mat[..., cols].to(self.device), h[cols] if h is not None else None)
+            del y_mat
+            sol = solver.solve(attention_mean=float(h.mean()) if h is not None else 1.0)
+            if math.isnan(sol.error):  # unweighted errors, measured directly by the layer's forward
+                y = y.to(self.device)
+                sol.error = _relative_errors(layer, xq, sol.weight, sol.bias, y)[0]
+                sol.rtn_error = _relative_errors(layer, xq, sol.rtn_weight, layer.bias, y)[0]
         del y
+        q_bias = sol.bias.reshape(-1).to(layer.weight.dtype) if sol.bias is not None else None
         qlayer = build_quantized(
             layer, sol.codes, sol.scale.to(torch.float32), q_bias, weight_bits, cfg.weight_grid,
             cfg.weight_scale == "channel", act_quant,
@@ -254,14 +262,26 @@ class _QuantizingRun:
         return qlayer(x)
 
 
-def _relative_error(
-    layer: nn.Module, xq: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
-) -> float:
-    """``‖layer(xq; weight, bias) − y‖² / ‖y‖²`` with a weight in equivalent-convolution layout."""
+def _relative_errors(
+    layer: nn.Module,
+    xq: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    h_map: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """``‖layer(xq; weight, bias) − y‖² / ‖y‖²``, unweighted and weighted by the attention map ``h_map``
+    (``(N, *S)`` at the output's resolution; the unweighted value when ``None``), for a weight in
+    equivalent-convolution layout."""
     w = matrix_to_weight(layer, weight.to(layer.weight.dtype))
     b = bias.reshape(-1).to(layer.weight.dtype) if bias is not None else None
     out = layer_forward(layer, xq.to(y.device), w, b)
-    return float((out - y).double().pow(2).sum() / y.double().pow(2).sum().clamp_min(1e-300))
+    e2, y2 = (out - y).double().pow(2), y.double().pow(2)
+    unweighted = float(e2.sum() / y2.sum().clamp_min(1e-300))
+    if h_map is None:
+        return unweighted, unweighted
+    h = h_map.to(y.device, torch.float64).unsqueeze(1)
+    return unweighted, float((e2 * h).sum() / (y2 * h).sum().clamp_min(1e-300))
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:

@@ -71,23 +71,46 @@ class LayerSolution:
 
 
 class _ErrorTerms:
-    """Gram statistics of one weighting: ``A = X·H·Xᵀ``, ``B = Y·H·Xᵀ``, ``yy = Σ H·Y²``."""
+    """Gram statistics of one weighting: ``A = X·H·Xᵀ``, ``B = Y·H·Xᵀ``, ``yy = Σ H·Y²``.
 
-    def __init__(self) -> None:
+    Each chunk's products are computed in the chunk's dtype (float32 for network activations: the
+    costly part, as in GPTQ's Hessian) and summed over chunks in ``dtype`` (float64 by default), in which
+    the ADMM solves.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
         self.A: torch.Tensor | None = None
         self.B: torch.Tensor | None = None
         self.yy = 0.0
+        self._a_fast: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
         xh = x if h is None else x * h
-        a = xh @ x.transpose(1, 2)
-        b = (y if h is None else y * h) @ x.transpose(1, 2)
+        a = (xh @ x.transpose(1, 2)).to(self.dtype)
+        b = ((y if h is None else y * h) @ x.transpose(1, 2)).to(self.dtype)
         self.A = a if self.A is None else self.A + a
         self.B = b if self.B is None else self.B + b
-        self.yy += float(((y * y) if h is None else (y * y) * h).sum())
+        self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
+        self._a_fast = None
 
-    def error(self, wb: torch.Tensor) -> float:
-        return float(((wb @ self.A) * wb).sum() - 2 * (wb * self.B).sum() + self.yy)
+    def error(self, wb: torch.Tensor, exact: bool = True) -> float:
+        """``‖[W b]·X − Y‖²_H`` from the statistics.
+
+        Args:
+            wb: the weights with the bias column.
+            exact: evaluate the quadratic term in ``dtype``; ``False`` evaluates it in float32 (used to rank
+                the ADMM iterates: one matrix product per iteration, as costly as the V-step, whose rounding,
+                about 1e-6 of ``‖Y‖²``, is far below the differences between iterates that matter).
+        """
+        if exact:
+            quad = float(((wb @ self.A) * wb).sum())
+        else:
+            if self._a_fast is None:
+                self._a_fast = self.A.to(torch.float32)
+            w32 = wb.to(torch.float32)
+            quad = float(((w32 @ self._a_fast) * w32).sum(dtype=torch.float64))
+        return quad - 2 * float((wb * self.B).sum()) + self.yy
 
 
 class LayerSolver:
@@ -129,7 +152,7 @@ class LayerSolver:
         if mode == "woodbury" and settings.eta_factor == 0 and self.has_bias:
             mode = "cholesky"  # the diagonal part would be singular at the bias position
         self.mode = mode
-        self.weighted = _ErrorTerms()
+        self.weighted = _ErrorTerms(dtype)
         self.unweighted: _ErrorTerms | None = None
         self._cols_x: list[torch.Tensor] = []
         self._cols_y: list[torch.Tensor] = []
@@ -152,16 +175,20 @@ class LayerSolver:
         """Stream in one chunk.
 
         Args:
-            x: quantized input patches ``(groups, K, P_chunk)``.
+            x: quantized input patches ``(groups, K, P_chunk)`` (float32 or float64; the chunk's products
+                are computed in this dtype).
             y: float targets of the same columns ``(groups, C_out/groups, P_chunk)``.
             h: attention weights of the same columns ``(P_chunk,)``, or ``None`` for all ones.
         """
-        x = self._with_ones(x.to(self.dtype))
-        y = y.to(self.dtype)
-        hw = h.to(self.dtype) if h is not None else None
+        if self.mode == "woodbury":  # the columns are kept: store them in the solve dtype
+            x, y = x.to(self.dtype), y.to(self.dtype)
+        else:  # products in the chunk's own dtype (float32 activations), summed in the solve dtype
+            y = y.to(x.dtype)
+        x = self._with_ones(x)
+        hw = h.to(x.dtype) if h is not None else None
         self._uniform = self._uniform and hw is None
-        self._y_sum += float(y.sum())
-        self._y_sq += float((y * y).sum())
+        self._y_sum += float(y.sum(dtype=torch.float64))
+        self._y_sq += float((y * y).sum(dtype=torch.float64))
         self._y_count += y.numel()
         self._h_sum += float(hw.sum()) if hw is not None else float(y.shape[-1])
         self._h_count += y.shape[-1]
@@ -174,7 +201,7 @@ class LayerSolver:
         self.weighted.add(x, y, hw)
         if hw is not None and self.settings.best_iterate_error == "unweighted":
             if self.unweighted is None:
-                self.unweighted = _ErrorTerms()
+                self.unweighted = _ErrorTerms(self.dtype)
             self.unweighted.add(x, y, None)
 
     # ----------------------------------------------------------------------------------------- solve
@@ -189,8 +216,8 @@ class LayerSolver:
     def _wb(self, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return torch.cat([w, b.unsqueeze(-1)], dim=-1) if self.has_bias else w
 
-    def _errors(self, wb: torch.Tensor) -> tuple[float, float]:
-        """(weighted, unweighted) squared output errors of ``[W b]``."""
+    def _errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
+        """(weighted, unweighted) squared output errors of ``[W b]`` (``exact=False``: see ``_ErrorTerms.error``)."""
         if self.mode == "woodbury":
             weighted = unweighted = 0.0
             for x, y, h in zip(self._cols_x, self._cols_y, self._cols_h):
@@ -198,9 +225,9 @@ class LayerSolver:
                 weighted += float((e2 * h).sum())
                 unweighted += float(e2.sum())
             return weighted, unweighted
-        weighted = self.weighted.error(wb)
+        weighted = self.weighted.error(wb, exact)
         if self.unweighted is not None:
-            return weighted, self.unweighted.error(wb)
+            return weighted, self.unweighted.error(wb, exact)
         return weighted, weighted if self._uniform else math.nan
 
     def _yy(self) -> tuple[float, float]:
@@ -264,6 +291,22 @@ class LayerSolver:
         return self.weighted.B
 
     @torch.no_grad()
+    def round_to_nearest(self) -> LayerSolution:
+        """The round-to-nearest weights (same grid and scale fit), without any streamed statistics.
+
+        The errors of the returned solution are ``nan``: the caller measures them (the network driver does,
+        by a direct forward of the layer), which is far cheaper than accumulating Gram matrices for them.
+        """
+        t0 = time.perf_counter()
+        rtn_w, rtn_scale, rtn_codes = self._project(self.w0, None)
+        nan = math.nan
+        return LayerSolution(
+            codes=rtn_codes, scale=rtn_scale, weight=rtn_w, bias=self.b0, rtn_weight=rtn_w, rtn_error=nan,
+            rtn_error_weighted=nan, error=nan, error_weighted=nan, best_iteration=-1, solver="rtn",
+            seconds=time.perf_counter() - t0,
+        )
+
+    @torch.no_grad()
     def solve(self, attention_mean: float | None = None) -> LayerSolution:
         """Run ADMM (or RTN) on the accumulated statistics.
 
@@ -282,11 +325,10 @@ class LayerSolver:
         # round to nearest: the floor, and a candidate iterate
         rtn_w, rtn_scale, rtn_codes = self._project(self.w0, None)
         rtn_wb = self._wb(rtn_w, self.b0)
-        rtn_err_w, rtn_err_u = self._errors(rtn_wb)
+        rank_w, rank_u = self._errors(rtn_wb, exact=False)  # ranked like the ADMM iterates
         best = {
             "codes": rtn_codes, "scale": rtn_scale, "weight": rtn_w, "bias": self.b0,
-            "err": rtn_err_w if st.best_iterate_error == "weighted" else rtn_err_u,
-            "errs": (rtn_err_w, rtn_err_u), "iteration": -1,
+            "err": rank_w if st.best_iterate_error == "weighted" else rank_u, "iteration": -1,
         }
         s = self._scale_s(attention_mean)
         history: list[dict[str, torch.Tensor]] = []
@@ -294,15 +336,18 @@ class LayerSolver:
             if not st.rtn_candidate:
                 best["err"] = math.inf
             self._admm(s, best, history, rtn_scale)
+        rtn_err_w, rtn_err_u = self._errors(rtn_wb)
+        best_err_w, best_err_u = self._errors(self._wb(best["weight"], best["bias"])) if best["iteration"] >= 0 else (
+            rtn_err_w, rtn_err_u)
         solution = LayerSolution(
             codes=best["codes"], scale=best["scale"], weight=best["weight"], bias=best["bias"], rtn_weight=rtn_w,
             rtn_error=rtn_err_u / yy_u, rtn_error_weighted=rtn_err_w / yy_w,
-            error=best["errs"][1] / yy_u, error_weighted=best["errs"][0] / yy_w,
+            error=best_err_u / yy_u, error_weighted=best_err_w / yy_w,
             best_iteration=best["iteration"], solver=self.mode if st.method == "efficientq" else "rtn",
             seconds=time.perf_counter() - t0, s=s, history=history,
         )
         self._cols_x, self._cols_y, self._cols_h = [], [], []
-        self.weighted = _ErrorTerms()
+        self.weighted = _ErrorTerms(self.dtype)
         self.unweighted = None
         return solution
 
@@ -332,12 +377,12 @@ class LayerSolver:
             bias = vb[..., k] if self.has_bias else None
             g, scale, codes = self._project(v + u, scale)
             u = u + v - g
-            err_w, err_u = self._errors(self._wb(g, bias))
+            err_w, err_u = self._errors(self._wb(g, bias), exact=False)
             err = err_w if st.best_iterate_error == "weighted" else err_u
             if st.record_history:
                 history.append({"v": vb.clone(), "codes": codes.clone(), "scale": scale.clone(), "rho": torch.tensor(rho)})
             if err < best["err"]:
-                best.update(codes=codes, scale=scale, weight=g, bias=bias, err=err, errs=(err_w, err_u), iteration=it)
+                best.update(codes=codes, scale=scale, weight=g, bias=bias, err=err, iteration=it)
 
 
 def _cholesky(m: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,23 @@ def test_packed_size_approaches_bits_over_32(tmp_path, bits):
     size = os.path.getsize(path)
     assert size == report.packed_bytes
     weights = sum(m.weight.numel() for m in qnet.modules() if hasattr(m, "weight_codes"))
-    assert size < weights * bits / 8 + 40_000  # codes plus small scales, biases, norms and zip overhead
+    assert size < weights * bits / 8 + 20_000  # codes plus small scales, biases, norms and the pickled index
     assert report.float_bytes / size > (32 / bits) * 0.85
+
+
+def test_tensors_share_one_storage_per_dtype(tmp_path, quantized_unet):
+    import zipfile
+
+    net, qnet, report = quantized_unet
+    path = tmp_path / "q.pt"
+    save_quantized(qnet, path, report)
+    raw = torch.load(path, weights_only=True)
+    tensors = [e["codes"] for e in raw["layers"].values()] + list(raw["float_state"].values())
+    dtypes = {t.dtype for t in tensors} | {e["scale"].dtype for e in raw["layers"].values()}
+    records = [n for n in zipfile.ZipFile(path).namelist() if "/data/" in n and not n.endswith("serialization_id")]
+    assert len(tensors) > 20 and len(records) == len(dtypes)  # one zip record per dtype, not per tensor
+    flat_before = {k: v.clone() for k, v in packed_state(qnet)["float_state"].items()}
+    assert all(torch.equal(raw["float_state"][k], v) for k, v in flat_before.items())
 
 
 def test_dequantized_export_loads_into_the_original_definition(tmp_path):

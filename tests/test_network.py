@@ -197,3 +197,23 @@ def test_numpy_and_unbatched_input_and_report():
     assert report.calibration_shape == [1, 1, 16, 16, 16]
     assert report.packed_bytes > 0 and report.float_bytes > report.packed_bytes
     assert set(report.calib_agreement_dice) == {"class0", "class1", "class2"}
+
+
+def test_rtn_measures_errors_directly_without_gram_statistics(monkeypatch):
+    from monai_efficientq.solver import LayerSolver
+
+    net, x = tiny_segresnet(), volume(16)
+    # the original preset accumulates unweighted statistics, so its RTN errors come from the Gram matrices
+    _, rep_gram = _quantize(net, x, weight_bits=3, preset="original", iterations=2)
+
+    def no_statistics(*args, **kwargs):
+        raise AssertionError("RTN must not stream Gram statistics")
+
+    monkeypatch.setattr(LayerSolver, "add", no_statistics)
+    _, rep_rtn = _quantize(net, x, weight_bits=3, preset="original", method="rtn")
+    first_gram, first_rtn = rep_gram.layers[0], rep_rtn.layers[0]  # same float input for both runs
+    # an 8-bit layer's error is ~1e-5 of ‖Y‖²; the float32 chunk products of the Gram route are good to ~1e-7
+    assert first_rtn.error == pytest.approx(first_gram.rtn_error, rel=2e-2)
+    assert first_rtn.error_weighted == pytest.approx(first_gram.rtn_error_weighted, rel=2e-2)
+    assert first_rtn.error != pytest.approx(first_rtn.error_weighted, rel=1e-3)  # the weighting is applied
+    assert all(r.error == r.rtn_error and r.error > 0 for r in rep_rtn.layers)

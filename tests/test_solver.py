@@ -128,3 +128,32 @@ def test_layer_without_bias():
     layer, x, y, h = _problem(bias=False)
     _, sol = _solve(layer, x, y, h, iterations=30)
     assert sol.bias is None and sol.error_weighted <= sol.rtn_error_weighted
+
+
+def test_float32_chunks_are_summed_in_the_solve_dtype():
+    layer, x, y, h = _problem(c_in=4, c_out=5, size=8, seed=5)
+    w = weight_matrix(layer).detach()
+    b = layer.bias.detach().reshape(w.shape[0], w.shape[1])
+    y_mat = output_matrix(layer, y)
+    solvers = {}
+    for dtype in (torch.float64, torch.float32):
+        solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, SolverSettings(iterations=40), y_mat.shape[-1])
+        for cols, patches in input_patches(layer, x.to(dtype), 1 << 12, dtype):
+            solver.add(patches, y_mat[..., cols].to(dtype), h[cols].to(dtype))
+        solvers[dtype] = solver
+    a64, a32 = solvers[torch.float64].weighted.A, solvers[torch.float32].weighted.A
+    assert a32.dtype == torch.float64  # float32 chunk products, float64 sums
+    assert torch.allclose(a32, a64, rtol=1e-5, atol=1e-5 * float(a64.abs().max()))
+    sol64, sol32 = solvers[torch.float64].solve(), solvers[torch.float32].solve()
+    assert sol32.error_weighted == pytest.approx(sol64.error_weighted, rel=1e-3)
+    assert (sol32.codes == sol64.codes).float().mean() > 0.95
+
+
+def test_round_to_nearest_needs_no_statistics():
+    layer, x, y, h = _problem()
+    w = weight_matrix(layer).detach()
+    solver = LayerSolver(w, None, UniformGrid(3, "nozero"), True, SolverSettings(method="rtn"), 10**6)
+    sol = solver.round_to_nearest()  # nothing streamed in
+    _, ref = _solve(layer, x, y, h, bits=3, method="rtn")
+    assert torch.equal(sol.codes, ref.codes) and torch.equal(sol.weight, ref.weight)
+    assert sol.error != sol.error and sol.solver == "rtn"  # nan: measured by the caller
