@@ -16,6 +16,7 @@ ATTENTION_MODES = ("prediction", "label", "none")
 PREDICTION_TYPES = ("softmax", "sigmoid")
 ERROR_MODES = ("weighted", "unweighted")
 ACT_MODES = ("auto", "unsigned")
+ACT_FITS = ("ls", "output")
 SOLVERS = ("auto", "cholesky", "woodbury", "naive")
 
 # Choices that differ between the faithful reproduction of the published code ("original") and ours
@@ -26,6 +27,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "weight_grid": "nozero",
         "best_iterate_error": "unweighted",
         "act_mode": "unsigned",
+        "act_fit": "ls",
         "rtn_candidate": False,
     },
     "default": {
@@ -33,6 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "weight_grid": "nozero",
         "best_iterate_error": "weighted",
         "act_mode": "auto",
+        "act_fit": "output",
         "rtn_candidate": True,
     },
 }
@@ -71,6 +74,10 @@ class EfficientQConfig:
             (``[-2^(b-1), 2^(b-1)-1]·a``, contains zero).
         act_mode: ``"auto"`` (unsigned grid for non-negative inputs, affine grid otherwise) or
             ``"unsigned"`` (always ``[0, a]``, negatives clipped, as the original).
+        act_fit: how an activation quantizer's range is chosen: ``"ls"`` (least squares on the activations,
+            as the original) or ``"output"`` (then, among that range scaled by ``act_range_factors``, the one
+            whose quantized input gives the float layer the lowest attention-weighted output error).
+        act_range_factors: the scalings of the least-squares range tried by ``act_fit="output"``.
         best_iterate_error: keep the ADMM iterate with the lowest ``"weighted"`` (attention) or
             ``"unweighted"`` output error.
         rtn_candidate: also consider the round-to-nearest weights as an iterate, so the solution is never
@@ -107,6 +114,8 @@ class EfficientQConfig:
     weight_scale: str | None = None
     weight_grid: str | None = None
     act_mode: str | None = None
+    act_fit: str | None = None
+    act_range_factors: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
     best_iterate_error: str | None = None
     rtn_candidate: bool | None = None
     first_last_bits: int | None = 8
@@ -140,6 +149,10 @@ class EfficientQConfig:
         _check_choice("weight_scale", self.weight_scale, SCALE_MODES)
         _check_choice("weight_grid", self.weight_grid, GRIDS)
         _check_choice("act_mode", self.act_mode, ACT_MODES)
+        _check_choice("act_fit", self.act_fit, ACT_FITS)
+        self.act_range_factors = tuple(float(f) for f in self.act_range_factors)
+        if not self.act_range_factors or min(self.act_range_factors) <= 0:
+            raise ValueError("act_range_factors must be a non-empty list of positive numbers (e.g. [0.8, 1.0, 1.25]).")
         _check_choice("best_iterate_error", self.best_iterate_error, ERROR_MODES)
         _check_choice("attention", self.attention, ATTENTION_MODES)
         _check_choice("prediction", self.prediction, PREDICTION_TYPES)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionMaps, label_to_scores
@@ -172,8 +173,10 @@ class _QuantizingRun:
         device: torch.device,
         log: logging.Logger,
         progress: Any,
+        body: torch.Tensor | None = None,
     ) -> None:
         self.cfg = cfg
+        self.body = body
         self.targets = targets
         self.order = order
         self.attention = attention
@@ -206,15 +209,21 @@ class _QuantizingRun:
         weight_bits, act_bits = self._bits(name)
         act_quant = None
         xq = x
-        if act_bits is not None:
-            signed = cfg.act_mode == "auto" and bool((x < 0).any())
-            act_quant = ActQuantizer(act_bits, signed=signed).fit(x, cfg.act_fit_samples, cfg.seed).to(x.device)
-            xq = act_quant(x)
         y = self.targets.pop(name)
-        y_mat = output_matrix(layer, y)
         h_map = None
         if self.attention is not None and not isinstance(layer, nn.Linear):
             h_map = self.attention.for_shape(y.shape[0], y.shape[2:])
+        if act_bits is not None:
+            signed = cfg.act_mode == "auto" and bool((x < 0).any())
+            fit_values = x
+            if cfg.act_fit == "output":  # fit on the voxels inside the body only
+                fit_values = _inside_body(x, self.body)
+            act_quant = ActQuantizer(act_bits, signed=signed).fit(fit_values, cfg.act_fit_samples, cfg.seed)
+            act_quant = act_quant.to(x.device)
+            if cfg.act_fit == "output":
+                _choose_act_range(act_quant, layer, x, y.to(x.device), h_map, cfg.act_range_factors)
+            xq = act_quant(x)
+        y_mat = output_matrix(layer, y)
         h = h_map.reshape(-1).to(self.device) if h_map is not None else None
         bias = layer.bias.detach().reshape(y_mat.shape[0], y_mat.shape[1]) if layer.bias is not None else None
         grid = UniformGrid(weight_bits, cfg.weight_grid)
@@ -260,6 +269,48 @@ class _QuantizingRun:
         if self.progress is not None:
             self.progress.update(1)
         return qlayer(x)
+
+
+def _inside_body(x: torch.Tensor, body: torch.Tensor | None) -> torch.Tensor:
+    """The values of ``x`` (``(N, C, *S)``) at voxels inside the body mask (``(N, *S0)``, max-pooled to ``S``);
+    all of ``x`` when there is no mask, it does not match, or it would leave too few voxels."""
+    if body is None or x.dim() < 3 or body.dim() != x.dim() - 1 or body.shape[0] != x.shape[0]:
+        return x
+    spatial = tuple(x.shape[2:])
+    pool = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[len(spatial)]
+    inside = pool(body[:, None].float(), spatial)[:, 0] > 0
+    if int(inside.sum()) < 64:
+        return x
+    return x.movedim(1, -1)[inside]
+
+
+@torch.no_grad()
+def _choose_act_range(
+    act_quant: ActQuantizer,
+    layer: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h_map: torch.Tensor | None,
+    factors: tuple[float, ...],
+) -> float:
+    """Scale the fitted range of ``act_quant`` (step and offset together, about zero) by the factor in
+    ``factors`` whose quantized input gives the float ``layer`` the lowest attention-weighted error against
+    its target ``y``; sets it in place and returns the chosen factor."""
+    step0, offset0 = act_quant.step.clone(), act_quant.offset.clone()
+    weight = layer.weight.detach()
+    bias = layer.bias.detach() if layer.bias is not None else None
+    h = h_map.to(y.device, y.dtype).unsqueeze(1) if h_map is not None else None
+    best_err, best_factor = math.inf, 1.0
+    for factor in factors:
+        act_quant.step.copy_(step0 * factor)
+        act_quant.offset.copy_(offset0 * factor)
+        e2 = (layer_forward(layer, act_quant(x), weight, bias) - y).pow(2)
+        err = float((e2 * h).sum(dtype=torch.float64) if h is not None else e2.sum(dtype=torch.float64))
+        if err < best_err:
+            best_err, best_factor = err, factor
+    act_quant.step.copy_(step0 * best_factor)
+    act_quant.offset.copy_(offset0 * best_factor)
+    return best_factor
 
 
 def _relative_errors(
@@ -396,7 +447,8 @@ def quantize_network(
 
     attention = _attention(cfg, float_out, x, label, attention_map)
     progress = _progress_bar(len(recorder.order), cfg.progress)
-    run = _QuantizingRun(cfg, recorder.targets, recorder.order, attention, device, log, progress)
+    body = (x != 0).any(dim=1) if x.dim() >= 3 else None
+    run = _QuantizingRun(cfg, recorder.targets, recorder.order, attention, device, log, progress, body)
     log.info(
         "EfficientQ: %d layers, %s W%d A%s, preset %s, on %s", len(recorder.order), cfg.method, cfg.weight_bits,
         cfg.act_bits if cfg.act_bits is not None else "-", cfg.preset, device,

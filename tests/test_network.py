@@ -217,3 +217,53 @@ def test_rtn_measures_errors_directly_without_gram_statistics(monkeypatch):
     assert first_rtn.error_weighted == pytest.approx(first_gram.rtn_error_weighted, rel=2e-2)
     assert first_rtn.error != pytest.approx(first_rtn.error_weighted, rel=1e-3)  # the weighting is applied
     assert all(r.error == r.rtn_error and r.error > 0 for r in rep_rtn.layers)
+
+
+def test_output_aware_activation_range_is_the_best_of_the_factors():
+    from monai_efficientq.layers import layer_forward
+    from monai_efficientq.network import _choose_act_range
+    from monai_efficientq.quantizer import ActQuantizer
+
+    torch.manual_seed(0)
+    layer = nn.Conv3d(2, 6, 3, padding=1)
+    with torch.no_grad():  # channel 0: small values, large weights; channel 1: large values the layer ignores
+        layer.weight[:, 1] *= 1e-3
+    x = torch.rand(1, 2, 8, 8, 8)
+    x[:, 1] *= 10  # the least-squares range follows channel 1, which is not what the output needs
+    y = layer(x).detach()
+    h_map = torch.rand(1, 8, 8, 8) + 0.5
+    factors = (0.3, 0.5, 0.7, 1.0, 1.4)
+    act = ActQuantizer(2).fit(x)
+    step0 = float(act.step)
+
+    def weighted_error(step):
+        q = ActQuantizer(2)
+        q.step.fill_(step)
+        return float(((layer_forward(layer, q(x), layer.weight, layer.bias) - y).pow(2) * h_map[:, None]).sum())
+
+    errors = {f: weighted_error(step0 * f) for f in factors}
+    chosen = _choose_act_range(act, layer, x, y, h_map, factors)
+    assert chosen == min(errors, key=errors.get)
+    assert float(act.step) == pytest.approx(step0 * chosen)
+    assert chosen < 1.0 and errors[chosen] < 0.8 * errors[1.0]
+
+
+def test_activation_fit_ignores_voxels_outside_the_body():
+    from monai_efficientq.network import _inside_body
+
+    x = torch.full((1, 2, 8, 8, 8), 7.0)
+    x[..., 2:6, 2:6, 2:6] = torch.rand(1, 2, 4, 4, 4)
+    body = torch.zeros(1, 16, 16, 16, dtype=torch.bool)
+    body[:, 4:12, 4:12, 4:12] = True  # the input resolution is twice the layer's
+    inside = _inside_body(x, body)
+    assert inside.shape == (64, 2) and float(inside.max()) < 1.0
+    assert _inside_body(x, None) is x
+
+
+def test_act_fit_follows_the_preset_and_is_checked():
+    assert EfficientQConfig(preset="original").act_fit == "ls"
+    assert EfficientQConfig().act_fit == "output"
+    with pytest.raises(ValueError, match="act_fit"):
+        EfficientQConfig(act_fit="mse")
+    with pytest.raises(ValueError, match="act_range_factors"):
+        EfficientQConfig(act_range_factors=())
