@@ -237,22 +237,17 @@ def load_float_checkpoint(net: nn.Module, path: str) -> nn.Module:
 
 
 def load_volume(path: str, normalize: str = "nonzero", is_label: bool = False) -> torch.Tensor:
-    """A channel-first float volume (or int64 label) from NIfTI, preprocessed as the trained networks expect."""
-    from monai.transforms import LoadImage, NormalizeIntensity
+    """A channel-first float volume (or int64 label) from NIfTI, normalised as by the package's CLI
+    (:func:`monai_efficientq.cli.normalize_volume`)."""
+    from monai.transforms import LoadImage
+
+    from monai_efficientq.cli import normalize_volume
 
     img = LoadImage(image_only=True, ensure_channel_first=True)(path)
     t = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(np.asarray(img))
     if is_label:
         return t.round().to(torch.int64)
-    t = t.to(torch.float32)
-    if normalize == "nonzero":
-        t = NormalizeIntensity(nonzero=True)(t)
-    elif normalize == "nonzero_channelwise":
-        t = NormalizeIntensity(nonzero=True, channel_wise=True)(t)
-    elif normalize == "all":
-        t = NormalizeIntensity()(t)
-    elif normalize != "none":
-        raise ValueError(f"normalize={normalize!r}: choose nonzero, nonzero_channelwise, all or none")
+    t = normalize_volume(t.to(torch.float32), normalize)
     t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
     return t.to(torch.float32).contiguous()
 
@@ -1011,7 +1006,8 @@ def run(
             the label's foreground if given, else on the non-zero voxels). Default: the datalist's ``calibration``.
         eval_datalist: JSON list of ``{"image", "label"}`` NIfTI paths, or a dict holding one under
             ``datalist_key`` (relative paths are resolved against the file's folder or ``data_root``).
-        normalize: ``nonzero`` (NormalizeIntensity(nonzero=True), default), ``nonzero_channelwise``, ``all``, ``none``.
+        normalize: ``nonzero`` (z-score over each channel's non-zero voxels, default), ``all``, ``minmax``, ``none``
+            (as the package's CLI).
         methods, settings: comma-separated lists (see the module docstring).
         roi_size: sliding-window size (int or comma-separated); calib_roi: calibration crop (default: the whole
             volume padded to multiples of ``divisor``); both foreground-centred crops are multiples of ``divisor``.

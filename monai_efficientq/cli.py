@@ -139,21 +139,40 @@ def load_calibration_volume(
         normalize: ``"nonzero"`` (z-score over non-zero voxels per channel, as ``NormalizeIntensity(nonzero=True,
             channel_wise=True)``), ``"minmax"`` (scale to [0, 1]) or ``"none"``.
     """
-    from monai.transforms import LoadImage, NormalizeIntensity, ScaleIntensity
+    from monai.transforms import LoadImage
 
     from .transforms import CalibrationCrop
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"calibration volume not found: {path}")
-    image = LoadImage(image_only=True, ensure_channel_first=True)(path)
-    if normalize == "nonzero":
-        image = NormalizeIntensity(nonzero=True, channel_wise=True)(image)
-    elif normalize == "minmax":
-        image = ScaleIntensity()(image)
-    elif normalize != "none":
-        raise ValueError(f"--normalize={normalize!r} is not supported: use nonzero, minmax or none.")
+    image = normalize_volume(LoadImage(image_only=True, ensure_channel_first=True)(path), normalize)
     image = CalibrationCrop(roi_size, mode=crop, divisible_by=divisible_by)(image)
     return torch.as_tensor(image).float()
+
+
+NORMALIZE_MODES = ("nonzero", "all", "minmax", "none")
+
+
+def normalize_volume(image: Any, normalize: str = "nonzero") -> Any:
+    """Intensity-normalise a channel-first image as the networks were trained.
+
+    Args:
+        image: channel-first image (MetaTensor, tensor or numpy array).
+        normalize: ``"nonzero"`` (z-score over the non-zero voxels of each channel, as
+            ``NormalizeIntensity(nonzero=True, channel_wise=True)``), ``"all"`` (z-score over every voxel of
+            each channel), ``"minmax"`` (scale to [0, 1]) or ``"none"``.
+    """
+    from monai.transforms import NormalizeIntensity, ScaleIntensity
+
+    if normalize == "nonzero":
+        return NormalizeIntensity(nonzero=True, channel_wise=True)(image)
+    if normalize == "all":
+        return NormalizeIntensity(channel_wise=True)(image)
+    if normalize == "minmax":
+        return ScaleIntensity()(image)
+    if normalize != "none":
+        raise ValueError(f"--normalize={normalize!r} is not supported: use {', '.join(NORMALIZE_MODES)}.")
+    return image
 
 
 def quantize(

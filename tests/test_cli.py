@@ -95,3 +95,20 @@ def test_command_line_errors_are_clean(files):
                               capture_output=True, text=True, env={**env, "PAGER": "cat"})
     for flag in ("--weight_bits", "--act_bits", "--roi_size", "--preset", "--device", "--config_file"):
         assert flag in helptext.stdout + helptext.stderr
+
+
+def test_normalize_volume_is_channel_wise_over_nonzero_voxels():
+    from monai_efficientq.cli import normalize_volume
+
+    image = torch.zeros(2, 6, 6, 6)
+    image[0, 1:5, 1:5, 1:5] = torch.rand(4, 4, 4) * 100 + 50
+    image[1, 1:5, 1:5, 1:5] = torch.rand(4, 4, 4) * 0.01
+    out = torch.as_tensor(normalize_volume(image, "nonzero"))
+    for c in range(2):
+        inside = out[c][image[c] != 0]
+        assert abs(float(inside.mean())) < 1e-4 and abs(float(inside.std(unbiased=False)) - 1) < 1e-3
+        assert bool((out[c][image[c] == 0] == 0).all())
+    minmax = torch.as_tensor(normalize_volume(image, "minmax"))
+    assert float(minmax.min()) == 0.0 and float(minmax.max()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="nonzero, all, minmax, none"):
+        normalize_volume(image, "zscore")
