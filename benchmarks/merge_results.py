@@ -1,6 +1,11 @@
-"""Merge several ``compare.py run`` result JSONs of the same model into one (rows in order, float once).
+"""Merge several ``compare.py run`` result JSONs of the same model into one, and print the summary table.
 
-    python benchmarks/merge_results.py a.json b.json c.json --out all.json
+    python benchmarks/merge_results.py a.json b.json c.json --out all.json [--pivot all_pivot.md]
+
+Rows keep the order of the files; the first file holding a (method, setting) row wins, so list a rerun
+before the older file it replaces. ``--pivot`` also writes a Markdown table: one row per method, the mean
+Dice of every setting, and the quantization seconds, peak memory, checkpoint size and layers optimised of
+one setting (``--detail``, default W2).
 """
 
 from __future__ import annotations
@@ -9,24 +14,79 @@ import json
 
 import fire
 
+SETTINGS = ("W4", "W3", "W2", "W4A4", "W2A2")
+METHOD_ORDER = ("float", "rtn", "eq_original", "eq_default", "brevitas_rtn", "brevitas_biascorr", "brevitas_gptq",
+                "brevitas_gpfq", "brevitas_learned_round")
 
-def merge(*paths: str, out: str) -> None:
-    """Write the union of the rows of ``paths`` to ``out`` (the first file's ``meta``; later duplicates of a
-    (method, setting) row are dropped)."""
+
+def merge(*paths: str, out: str, pivot: str | None = None, detail: str = "W2") -> None:
+    """Write the union of the rows of ``paths`` to ``out`` (the first file's ``meta``, plus every file's command).
+
+    Args:
+        paths: result JSONs of ``compare.py run`` on the same model.
+        out: merged JSON.
+        pivot: optional Markdown path for the summary table.
+        detail: the setting whose seconds / memory / size / layers columns the summary shows.
+    """
     merged: dict = {"meta": None, "rows": []}
     seen = set()
+    commands = []
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        merged["meta"] = merged["meta"] or data["meta"]
+        merged["meta"] = merged["meta"] or dict(data["meta"])
+        commands.append({"file": path, "command": data["meta"].get("command")})
         for row in data["rows"]:
             key = (row.get("method"), row.get("setting"))
             if key not in seen:
                 seen.add(key)
                 merged["rows"].append(row)
+    merged["meta"]["merged_from"] = commands
     with open(out, "w") as f:
         json.dump(merged, f, indent=2)
     print(f"{out}: {len(merged['rows'])} rows")
+    if pivot:
+        text = pivot_table(merged, detail)
+        with open(pivot, "w") as f:
+            f.write(text)
+        print(text)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def pivot_table(results: dict, detail: str = "W2") -> str:
+    """Markdown: method × setting mean Dice, then the ``detail`` setting's cost columns ("not run" where absent)."""
+    rows = {(r["method"], r["setting"]): r for r in results["rows"]}
+    methods = sorted(dict.fromkeys(r["method"] for r in results["rows"]),
+                     key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+    settings = [s for s in SETTINGS if any(k[1] == s for k in rows)]
+    head = ["method"] + [f"{s} mean Dice" for s in settings] + [
+        f"{detail} quant. s", f"{detail} peak MB", f"{detail} checkpoint KiB", f"{detail} layers optimised"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        if method == "float":
+            f = rows.get(("float", "float"), {})
+            cells = [_fmt(f.get("mean_dice"))] * len(settings) + [
+                "–", "–", _fmt(f.get("checkpoint_bytes", 0) / 1024, 0), "–"]
+        else:
+            cells = []
+            for s in settings:
+                r = rows.get((method, s))
+                ok = r is not None and r.get("status") == "ok"
+                cells.append(_fmt(r.get("mean_dice")) if ok else "not run")
+            r = rows.get((method, detail))
+            if r is not None and r.get("status") == "ok":
+                cells += [
+                    _fmt(r.get("quant_seconds"), 0), _fmt(r.get("peak_memory_mb"), 0),
+                    _fmt(r["checkpoint_bytes"] / 1024, 0) if r.get("checkpoint_bytes") else "–",
+                    f"{r.get('layers_optimised')}/{r.get('layers_total')}" if r.get("layers_total") is not None else "–",
+                ]
+            else:
+                cells += ["not run"] * 4
+        lines.append("| " + " | ".join([method] + cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -139,3 +139,30 @@ def test_compare_brevitas_w4(compare, data, tmp_path):
     # Brevitas GPTQ skips ConvTranspose: the UNet's two up-sampling layers stay round-to-nearest
     assert gptq["layers_optimised"] == gptq["layers_total"] - 2
     assert all("ConvTranspose3d" in n for n in gptq["layers_not_optimised"])
+
+
+def test_merge_keeps_the_first_row_and_pivot_marks_missing_runs(tmp_path):
+    merge = _load("merge_results")
+
+    def row(method, setting, dice):
+        return {"method": method, "setting": setting, "status": "ok", "mean_dice": dice, "quant_seconds": 2.0,
+                "peak_memory_mb": 100.0, "checkpoint_bytes": 2048, "layers_optimised": 3, "layers_total": 4}
+
+    new = {"meta": {"command": "new"}, "rows": [
+        {"method": "float", "setting": "float", "status": "ok", "mean_dice": 0.9, "checkpoint_bytes": 8192},
+        row("eq_default", "W2", 0.85)]}
+    old = {"meta": {"command": "old"}, "rows": [row("eq_default", "W2", 0.80), row("rtn", "W2A2", 0.5)]}
+    paths = []
+    for name, data in (("new", new), ("old", old)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(data, f)
+    merge.merge(*paths, out=str(tmp_path / "all.json"), pivot=str(tmp_path / "all.md"))
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert [r["mean_dice"] for r in merged["rows"] if r["method"] == "eq_default"] == [0.85]  # the rerun wins
+    assert [c["command"] for c in merged["meta"]["merged_from"]] == ["new", "old"]
+    table = (tmp_path / "all.md").read_text().splitlines()
+    assert table[0].startswith("| method | W2 mean Dice | W2A2 mean Dice |")
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| float", "| rtn", "| eq_default"]
+    assert "| rtn | not run | 0.5000 | not run |" in table[3]
+    assert table[4].startswith("| eq_default | 0.8500 | not run | 2 | 100 | 2 | 3/4 |")
