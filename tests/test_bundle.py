@@ -185,6 +185,7 @@ def test_inference_and_export_of_packed_model(quantize_run, tmp_path):
         ({"ckpt_path": "/nonexistent/model.pt"}, "float checkpoint not found: /nonexistent/model.pt"),
         ({"calib_file": "/nonexistent/calib.nii.gz"}, "calibration volume not found: /nonexistent/calib.nii.gz"),
         ({"method": "gptq"}, "method='gptq' is not supported"),
+        ({"act_fit": "mse"}, "act_fit='mse' is not supported"),
     ],
 )
 def test_bad_overrides_fail_early(tmp_path, random_ckpt, override, message):
@@ -381,3 +382,15 @@ def test_zoo_properties(config, workflow_type):
     )
     workflow.initialize()  # only resets the parser and sets the thread count / determinism
     assert workflow.check_properties() == []
+
+
+def test_act_fit_override_reaches_the_settings():
+    from monai.bundle import ConfigParser
+
+    from monai_efficientq import EfficientQConfig
+
+    parser = ConfigParser()
+    parser.read_config(QUANTIZE)
+    assert EfficientQConfig(**parser.get_parsed_content("efficientq_settings")).act_fit == "output"  # the preset's
+    parser["act_fit"] = "ls"
+    assert parser.get_parsed_content("efficientq_settings", lazy=False)["act_fit"] == "ls"
