@@ -143,10 +143,10 @@ def _share_storages(state: dict[str, Any]) -> None:
     by_dtype: dict[torch.dtype, list[tuple[dict, Any, torch.Tensor]]] = {}
     for entry in found:
         by_dtype.setdefault(entry[2].dtype, []).append(entry)
-    for dtype, entries in by_dtype.items():
-        flat = torch.cat([t.reshape(-1) for _, _, t in entries]) if len(entries) > 1 else None
-        if flat is None:
+    for entries in by_dtype.values():
+        if len(entries) < 2:
             continue
+        flat = torch.cat([t.reshape(-1) for _, _, t in entries])
         offset = 0
         for container, key, tensor in entries:
             n = tensor.numel()
