@@ -19,6 +19,12 @@ _ADAPTIVE_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adapti
 _ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
 
 
+def body_at(body: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """The body mask ``(N, *S0)`` at another resolution ``spatial``: a voxel is inside if any voxel it covers is."""
+    spatial = tuple(int(s) for s in spatial)
+    return _ADAPTIVE_MAX[len(spatial)](body[:, None].float(), spatial)[:, 0] > 0
+
+
 def classes_from_scores(scores: torch.Tensor, multi_label: bool) -> torch.Tensor:
     """Per-voxel class membership (bool): ``(N, C, *S)`` for multi-class scores (channel 0 is their
     background class), ``(N, C+1, *S)`` for multi-label ones (index 0: no channel on).
@@ -110,6 +116,6 @@ class AttentionMaps:
             w = (member * self.weights.to(member.device).view(1, -1, *([1] * len(spatial)))).amax(dim=1)
             w = torch.where(member.sum(dim=1) > 0, w, torch.ones_like(w))
         if self.body is not None:
-            inside = _ADAPTIVE_MAX[len(spatial)](self.body[:, None].float(), spatial)[:, 0] > 0
+            inside = body_at(self.body, spatial)
             w = torch.where(inside, w, torch.ones_like(w))
         return w

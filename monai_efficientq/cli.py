@@ -136,8 +136,8 @@ def load_calibration_volume(
         roi_size: crop size (int or per-dimension list; ``None`` = the full volume).
         crop: ``"foreground"`` (centred on the body, input ≠ 0) or ``"center"``.
         divisible_by: pad each spatial size to a multiple of this (the network's down-sampling factor).
-        normalize: ``"nonzero"`` (z-score over non-zero voxels per channel, as ``NormalizeIntensity(nonzero=True,
-            channel_wise=True)``), ``"minmax"`` (scale to [0, 1]) or ``"none"``.
+        normalize: one of :data:`NORMALIZE_MODES` (see :func:`normalize_volume`; default z-score over the
+            non-zero voxels of each channel).
     """
     from monai.transforms import LoadImage
 

@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMaps, label_to_scores
+from .attention import AttentionMaps, body_at, label_to_scores
 from .config import EfficientQConfig
 from .folding import find_conv_bn_pairs, fold_batchnorm, set_submodule
 from .layers import (
@@ -223,22 +222,22 @@ class _QuantizingRun:
             if cfg.act_fit == "output":
                 _choose_act_range(act_quant, layer, x, y.to(x.device), h_map, cfg.act_range_factors)
             xq = act_quant(x)
-        y_mat = output_matrix(layer, y)
-        h = h_map.reshape(-1).to(self.device) if h_map is not None else None
-        bias = layer.bias.detach().reshape(y_mat.shape[0], y_mat.shape[1]) if layer.bias is not None else None
+        w_mat = weight_matrix(layer).detach()
+        bias = layer.bias.detach().reshape(w_mat.shape[:2]) if layer.bias is not None else None
         grid = UniformGrid(weight_bits, cfg.weight_grid)
         solver = LayerSolver(
-            weight_matrix(layer).detach().to(self.device), bias.to(self.device) if bias is not None else None,
+            w_mat.to(self.device), bias.to(self.device) if bias is not None else None,
             grid, cfg.weight_scale == "channel", self.settings, num_output_voxels(layer, y), self.dtype,
         )
         if cfg.method == "rtn":  # no statistics needed: errors by a direct forward
-            del y_mat
             sol = solver.round_to_nearest()
             y = y.to(self.device)
             sol.error, sol.error_weighted = _relative_errors(layer, xq, sol.weight, sol.bias, y, h_map)
             sol.rtn_error, sol.rtn_error_weighted = sol.error, sol.error_weighted
         else:
             # im2col chunks in the activations' dtype; the solver sums their products in solver_dtype
+            y_mat = output_matrix(layer, y)
+            h = h_map.reshape(-1).to(self.device) if h_map is not None else None
             for cols, patches in input_patches(layer, xq.to(self.device), cfg.chunk_bytes, xq.dtype):
                 solver.add(patches, y_mat[..., cols].to(self.device), h[cols] if h is not None else None)
             del y_mat
@@ -276,9 +275,7 @@ def _inside_body(x: torch.Tensor, body: torch.Tensor | None) -> torch.Tensor:
     all of ``x`` when there is no mask, it does not match, or it would leave too few voxels."""
     if body is None or x.dim() < 3 or body.dim() != x.dim() - 1 or body.shape[0] != x.shape[0]:
         return x
-    spatial = tuple(x.shape[2:])
-    pool = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[len(spatial)]
-    inside = pool(body[:, None].float(), spatial)[:, 0] > 0
+    inside = body_at(body, x.shape[2:])
     if int(inside.sum()) < 64:
         return x
     return x.movedim(1, -1)[inside]
@@ -445,9 +442,9 @@ def quantize_network(
     if not recorder.order:
         raise ValueError(f"no quantizable layer of {type(net).__name__} was called in its forward pass.")
 
-    attention = _attention(cfg, float_out, x, label, attention_map)
-    progress = _progress_bar(len(recorder.order), cfg.progress)
     body = (x != 0).any(dim=1) if x.dim() >= 3 else None
+    attention = _attention(cfg, float_out, x, body, label, attention_map)
+    progress = _progress_bar(len(recorder.order), cfg.progress)
     run = _QuantizingRun(cfg, recorder.targets, recorder.order, attention, device, log, progress, body)
     log.info(
         "EfficientQ: %d layers, %s W%d A%s, preset %s, on %s", len(recorder.order), cfg.method, cfg.weight_bits,
@@ -508,9 +505,13 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 
 def _attention(
-    cfg: EfficientQConfig, float_out: torch.Tensor, x: torch.Tensor, label: Any, attention_map: Any
+    cfg: EfficientQConfig,
+    float_out: torch.Tensor,
+    x: torch.Tensor,
+    body: torch.Tensor | None,
+    label: Any,
+    attention_map: Any,
 ) -> AttentionMaps | None:
-    body = (x != 0).any(dim=1)
     multi_label = cfg.prediction == "sigmoid"
     if attention_map is not None:
         amap = _as_tensor(attention_map, "attention_map").to(x.device)
