@@ -68,7 +68,7 @@ BREVITAS = (
     "brevitas_learned_round",
 )
 METHODS = ("float",) + OURS + BREVITAS
-DEFAULT_SETTINGS = ("W4", "W3", "W2", "W4A4", "W2A2")
+DEFAULT_SETTINGS = ("W4", "W3", "W2", "W4A4", "W3A3", "W2A2")
 
 BREVITAS_NOTES = [
     "Layers: brevitas.graph.quantize.layerwise_quantize with compute_layer_map {nn.Conv3d: qnn.QuantConv3d, "
@@ -128,8 +128,9 @@ def _as_list(value: Any) -> list[str]:
 def _as_dict(value: Any) -> dict[str, Any]:
     if value is None or value == "":
         return {}
-    if isinstance(value, dict):
-        return dict(value)
+    if isinstance(value, dict):  # fire parses JSON objects itself, leaving JSON's true/false/null as strings
+        literals = {"true": True, "false": False, "null": None}
+        return {k: literals.get(v, v) if isinstance(v, str) else v for k, v in value.items()}
     return json.loads(value)
 
 
@@ -278,39 +279,20 @@ def read_datalist(path: str, key: str = "evaluation", data_root: str | None = No
 def calibration_crop(
     image: torch.Tensor, label: torch.Tensor | None, roi: tuple[int, ...] | None, divisor: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-    """Foreground-centred crop of a channel-first volume, each side a multiple of ``divisor`` (zero-padded if needed).
+    """The bundle's calibration protocol: :class:`~monai_efficientq.transforms.CalibrationCrop`, a ROI centred on
+    the body (non-zero voxels of the image), zero-padded up to ``roi`` and to multiples of ``divisor``.
 
-    ``roi=None`` keeps the whole volume, padded up to multiples of ``divisor``. The foreground is ``label > 0``
-    when a label is given, else the voxels that are non-zero in any channel.
+    ``roi=None`` keeps the whole volume, padded up to multiples of ``divisor``. The label gets the same box.
     """
-    spatial = tuple(image.shape[1:])
-    if roi is None:
-        size = tuple(int(math.ceil(s / divisor) * divisor) for s in spatial)
-    else:
-        size = tuple(max(divisor, (int(r) // divisor) * divisor) for r in roi)
-    fg = (label[0] > 0) if label is not None else (image != 0).any(0)
-    if fg.any():
-        idx = fg.nonzero()
-        centre = ((idx.min(0).values + idx.max(0).values).float() / 2).round().long().tolist()
-    else:
-        centre = [s // 2 for s in spatial]
-    starts, ends = [], []
-    for c, s, n in zip(centre, size, spatial):
-        start = min(max(c - s // 2, 0), max(n - s, 0))
-        starts.append(start)
-        ends.append(min(start + s, n))
-    sl = (slice(None),) + tuple(slice(a, b) for a, b in zip(starts, ends))
+    from monai_efficientq.transforms import CalibrationCrop
 
-    def fit(t: torch.Tensor) -> torch.Tensor:
-        t = t[sl]
-        pads = []
-        for have, want in zip(reversed(t.shape[1:]), reversed(size)):
-            missing = want - have
-            pads += [missing // 2, missing - missing // 2]
-        return torch.nn.functional.pad(t, pads) if any(pads) else t.contiguous()
-
-    box = {"start": starts, "end": ends, "size": list(size), "volume": list(spatial)}
-    return fit(image), (fit(label) if label is not None else None), box
+    cropper = CalibrationCrop(roi, mode="foreground", divisible_by=divisor)
+    starts, ends, pad_size = cropper.compute_box(image)
+    crop = cropper.crop_with_box(image, starts, ends, pad_size)
+    crop_label = cropper.crop_with_box(label, starts, ends, pad_size) if label is not None else None
+    box = {"start": list(starts), "end": list(ends), "size": list(crop.shape[1:]), "volume": list(image.shape[1:]),
+           "transform": f"CalibrationCrop(roi_size={roi}, mode='foreground', divisible_by={divisor})"}
+    return crop, crop_label, box
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -394,9 +376,10 @@ class Evaluator:
 # ------------------------------------------------------------------------------------------- the float plan
 @torch.no_grad()
 def float_plan(net: nn.Module, x: torch.Tensor, fold_bn: bool = True) -> dict[str, Any]:
-    """What every method shares: the BatchNorm pairs, the quantizable layers in execution order, the sign of
-    each layer's float calibration input."""
+    """What every method shares: the BatchNorm pairs, the quantizable layers in execution order, the first and last
+    layers by data flow (8-bit, float input for every method), the sign of each layer's float calibration input."""
     from monai_efficientq.folding import find_conv_bn_pairs, fold_batchnorm
+    from monai_efficientq.dataflow import edge_layers
     from monai_efficientq.network import quantizable_layers
 
     work = copy.deepcopy(net).eval()
@@ -421,7 +404,9 @@ def float_plan(net: nn.Module, x: torch.Tensor, fold_bn: bool = True) -> dict[st
         for h in hooks:
             h.remove()
     types = {n: type(m).__name__ for n, m in layers.items()}
+    first, last = edge_layers(work, x, {n: layers[n] for n in order})
     return {
+        "edges": first + [n for n in last if n not in first],
         "bn_pairs": [list(p) for p in pairs],
         "order": order,
         "signed_input": signed,
@@ -435,16 +420,17 @@ def quantize_ours(method: str, net: nn.Module, x: torch.Tensor, label: torch.Ten
                   wbits: int, abits: int | None, opts: dict[str, Any], workdir: str) -> tuple[nn.Module, dict]:
     from monai_efficientq import EfficientQConfig, quantize_network, save_quantized
 
+    settings = {
+        "iterations": int(opts["iterations"]), "first_last_bits": 8, "prediction": opts["prediction"],
+        "device": opts["device"], "progress": False,
+    }
+    settings.update(opts.get("eq_options") or {})
     cfg = EfficientQConfig(
         weight_bits=wbits,
         act_bits=abits,
         method="rtn" if method == "rtn" else "efficientq",
         preset="original" if method == "eq_original" else "default",
-        iterations=int(opts["iterations"]),
-        first_last_bits=8,
-        prediction=opts["prediction"],
-        device=opts["device"],
-        progress=False,
+        **settings,
     )
     t0 = time.perf_counter()
     qnet, report = quantize_network(net, x, cfg, label=label)
@@ -469,6 +455,10 @@ def quantize_ours(method: str, net: nn.Module, x: torch.Tensor, label: torch.Ten
         "layers_left_float": len(report.float_layers),
         "calib_error_rtn_mean": float(np.mean([r.rtn_error for r in report.layers])) if report.layers else None,
         "calib_error_mean": float(np.mean([r.error for r in report.layers])) if report.layers else None,
+        "held_out_error_mean": _mean_of(report.layers, "held_out_error"),
+        "held_out_rtn_error_mean": _mean_of(report.layers, "held_out_rtn_error"),
+        "layers_kept_rtn": sum(r.best_iteration < 0 for r in report.layers),
+        "calibration_shape": list(report.calibration_shape),
     }
     return qnet, info
 
@@ -496,6 +486,11 @@ def _patched(obj: Any, name: str, value: Any):
         yield
     finally:
         setattr(obj, name, old)
+
+
+def _mean_of(records: list, field: str) -> float | None:
+    values = [getattr(r, field) for r in records if getattr(r, field) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def _learned_round(model: nn.Module, x: torch.Tensor, iterations: int, device: torch.device) -> list[str]:
@@ -586,7 +581,7 @@ def quantize_brevitas(method: str, net: nn.Module, x: torch.Tensor, wbits: int, 
     )
 
     order = plan["order"]
-    edge = {order[0], order[-1]}
+    edge = set(plan["edges"])
     groups: list[tuple[dict[str, Any], set[str]]] = [
         ({"weight_quant": w_base.let(bit_width=8, narrow_range=False)}, edge)
     ]
@@ -772,13 +767,15 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"# Quantization comparison: {meta.get('network')}",
         "",
         f"- float checkpoint: `{meta.get('checkpoint')}`; calibration: `{meta.get('calib_image')}` crop "
-        f"{meta.get('calib_crop', {}).get('size')} (foreground-centred, from {meta.get('calib_crop', {}).get('volume')})",
+        f"{meta.get('calib_crop', {}).get('size')} (foreground-centred, from {meta.get('calib_crop', {}).get('volume')}; "
+        f"{meta.get('calib_crop', {}).get('transform', 'crop')})",
         f"- evaluation: {meta.get('eval_cases')} case(s), sliding window roi {meta.get('roi_size')}, overlap "
         f"{meta.get('overlap')}, DiceMetric(include_background={meta.get('include_background')}, "
         f"reduction='mean_batch')",
         f"- device {meta.get('device')}, threads {meta.get('threads')}, EfficientQ iterations {meta.get('iterations')}, "
-        f"Brevitas learned-round iterations {meta.get('lr_iterations')}; first/last quantized layer W8 with float input "
-        "for every method",
+        f"Brevitas learned-round iterations {meta.get('lr_iterations')}; first/last quantized layers (by data flow: "
+        f"{', '.join(meta.get('edge_layers') or [])}) W8 with float input for every method",
+        f"- options of our rows: {json.dumps(meta.get('eq_options') or {})}",
         f"- peak memory: {meta.get('memory_note')}",
         "",
         "| " + " | ".join(head) + " |",
@@ -820,7 +817,7 @@ def compare(
     out: str | None = "results.json",
     markdown: str | None = None,
     roi_size: Any = 96,
-    calib_roi: Any = None,
+    calib_roi: Any = 96,
     divisor: int = 16,
     overlap: float = 0.25,
     sw_batch_size: int = 1,
@@ -836,6 +833,7 @@ def compare(
     brevitas_fold_bn: bool = True,
     brevitas_weight_scale: str = "stats",
     brevitas_act_scale: str = "mse",
+    eq_options: Any = None,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the comparison on tensors (the CLI ``run`` loads them from NIfTI). Returns the results dict."""
@@ -864,7 +862,7 @@ def compare(
         "iterations": int(iterations), "lr_iterations": int(lr_iterations), "prediction": prediction,
         "device": str(dev), "threads": threads, "keep_checkpoints": bool(keep_checkpoints),
         "brevitas_fold_bn": bool(brevitas_fold_bn), "brevitas_weight_scale": brevitas_weight_scale,
-        "brevitas_act_scale": brevitas_act_scale,
+        "brevitas_act_scale": brevitas_act_scale, "eq_options": _as_dict(eq_options),
     }
     workdir = checkpoint_dir or tempfile.mkdtemp(prefix="compare_ckpt_")
     os.makedirs(workdir, exist_ok=True)
@@ -896,10 +894,10 @@ def compare(
                 "eval_cases": len(eval_cases), "class_names": class_names, "isolate": isolate,
                 "memory_note": memory_note, "versions": versions, "float_bytes": sum(
                     t.numel() * t.element_size() for t in net.state_dict().values()),
-                "quantized_layers": plan["order"], "folded_batchnorm": plan["bn_pairs"],
+                "quantized_layers": plan["order"], "edge_layers": plan["edges"], "folded_batchnorm": plan["bn_pairs"],
                 "brevitas_fold_bn": bool(brevitas_fold_bn), "brevitas_weight_scale": brevitas_weight_scale,
                 "brevitas_act_scale": brevitas_act_scale, "brevitas_notes": BREVITAS_NOTES,
-                "checkpoint_dir": workdir if keep_checkpoints else None,
+                "checkpoint_dir": workdir if keep_checkpoints else None, "eq_options": opts["eq_options"],
             },
             "rows": [],
         }
@@ -979,7 +977,7 @@ def run(
     out: str = "results.json",
     markdown: str | None = None,
     roi_size: Any = 96,
-    calib_roi: Any = None,
+    calib_roi: Any = 96,
     divisor: int = 16,
     overlap: float = 0.25,
     sw_batch_size: int = 1,
@@ -995,6 +993,7 @@ def run(
     brevitas_fold_bn: bool = True,
     brevitas_weight_scale: str = "stats",
     brevitas_act_scale: str = "mse",
+    eq_options: Any = None,
 ) -> str:
     """Compare the methods on a trained network and NIfTI data; writes ``out`` (JSON) and a Markdown table.
 
@@ -1002,21 +1001,24 @@ def run(
         network: dotted class path of the network (e.g. ``monai.networks.nets.SegResNet``), with ``network_kwargs``
             (JSON object); or ``config_file`` (MONAI bundle config, a list merges) and ``network_id``.
         checkpoint: the float state dict (``torch.save(net.state_dict())``; a dict with ``state_dict`` works too).
-        calib_image, calib_label: the calibration volume (NIfTI) and optionally its label (the crop is centred on
-            the label's foreground if given, else on the non-zero voxels). Default: the datalist's ``calibration``.
+        calib_image, calib_label: the calibration volume (NIfTI) and optionally its label (cropped with the image's
+            box). Default: the datalist's ``calibration``.
         eval_datalist: JSON list of ``{"image", "label"}`` NIfTI paths, or a dict holding one under
             ``datalist_key`` (relative paths are resolved against the file's folder or ``data_root``).
         normalize: ``nonzero`` (z-score over each channel's non-zero voxels, default), ``all``, ``minmax``, ``none``
             (as the package's CLI).
         methods, settings: comma-separated lists (see the module docstring).
-        roi_size: sliding-window size (int or comma-separated); calib_roi: calibration crop (default: the whole
-            volume padded to multiples of ``divisor``); both foreground-centred crops are multiples of ``divisor``.
+        roi_size: sliding-window size (int or comma-separated); calib_roi: calibration crop, the bundle's protocol
+            (``CalibrationCrop``: centred on the body, padded up to the ROI and to multiples of ``divisor``; default
+            96 as the bundle's ``calib_roi_size``; ``full`` keeps the whole volume).
         iterations: EfficientQ ADMM iterations per layer; lr_iterations: Brevitas learned-rounding iterations per layer.
         prediction: ``softmax`` (argmax, Dice without background) or ``sigmoid`` (multi-label, every channel).
         device: ``cpu`` or ``cuda``; threads: torch intra-op threads.
         isolate: run each row in a spawn child for a clean peak RSS (``auto``: on CPU only).
         brevitas_fold_bn / brevitas_weight_scale (``stats``|``mse``) / brevitas_act_scale (``mse``|``stats``):
             how the Brevitas rows are set up (see ``BREVITAS_NOTES``).
+        eq_options: JSON object of ``EfficientQConfig`` fields for our rows (``rtn``, ``eq_*``), e.g.
+            ``'{"eta_factor": 10}'``; they override the preset.
     """
     if threads:
         torch.set_num_threads(int(threads))
@@ -1059,7 +1061,8 @@ def run(
         iterations=iterations, lr_iterations=lr_iterations, prediction=prediction, class_names=names,
         device=device, threads=threads, isolate=isolate, keep_checkpoints=keep_checkpoints,
         checkpoint_dir=checkpoint_dir, brevitas_fold_bn=brevitas_fold_bn,
-        brevitas_weight_scale=brevitas_weight_scale, brevitas_act_scale=brevitas_act_scale, meta=meta,
+        brevitas_weight_scale=brevitas_weight_scale, brevitas_act_scale=brevitas_act_scale, eq_options=eq_options,
+        meta=meta,
     )
     md = markdown or os.path.splitext(out)[0] + ".md"
     with open(md, encoding="utf-8") as f:

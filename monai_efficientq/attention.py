@@ -71,12 +71,16 @@ class AttentionMaps:
     """Per-layer attention maps derived from one set of class scores.
 
     Args:
-        scores: ``(N, C, *S)`` logits of the float network (or one-hot label scores).
+        scores: ``(N, C, *S)`` logits of the float network (or one-hot label scores); each of the ``N``
+            volumes gets the class weights of its own class counts.
         body: ``(N, *S)`` bool, voxels inside the body (input non-zero in some channel); ``None``: all.
         multi_label: scores are sigmoid logits (multi-label) instead of softmax logits / one-hot.
         power: exponent ``p`` of the class weights.
         weight_map: a precomputed full-resolution weight map ``(N, 1, *S)`` to pool instead of deriving
             classes (e.g. from :class:`~monai_efficientq.transforms.AttentionMapd`).
+        integer: the published code's variant: class weights truncated to integers (it stores them in an
+            integer tensor) and, for multi-label scores, a voxel takes the weight of the last channel that is on
+            instead of the largest.
     """
 
     def __init__(
@@ -86,14 +90,19 @@ class AttentionMaps:
         multi_label: bool,
         power: float = 0.5,
         weight_map: torch.Tensor | None = None,
+        integer: bool = False,
     ) -> None:
         self.scores = scores.float() if scores is not None else None
         self.multi_label = multi_label
         self.body = body
         self.weight_map = weight_map.float() if weight_map is not None else None
         self.weights = None
-        if self.scores is not None:
-            self.weights = class_weights(classes_from_scores(self.scores, multi_label), power)
+        if self.scores is not None:  # (N, classes): each volume's own class balance
+            member = classes_from_scores(self.scores, multi_label)
+            self.weights = torch.stack([class_weights(member[i : i + 1], power) for i in range(member.shape[0])])
+            if integer:
+                self.weights = self.weights.floor()
+        self.integer = integer
         self.spatial_dims = (self.scores if self.scores is not None else self.weight_map).dim() - 2
 
     def full_resolution(self) -> torch.Tensor:
@@ -113,7 +122,13 @@ class AttentionMaps:
         else:
             pooled = _ADAPTIVE_AVG[len(spatial)](self.scores, spatial)
             member = classes_from_scores(pooled, self.multi_label).to(torch.float64)
-            w = (member * self.weights.to(member.device).view(1, -1, *([1] * len(spatial)))).amax(dim=1)
+            weighted = member * self.weights.to(member.device).view(*self.weights.shape, *([1] * len(spatial)))
+            if self.integer and self.multi_label:  # the last channel that is on wins
+                last_on = (member * torch.arange(1, member.shape[1] + 1, device=member.device).view(
+                    1, -1, *([1] * len(spatial)))).argmax(dim=1, keepdim=True)
+                w = weighted.gather(1, last_on)[:, 0]
+            else:
+                w = weighted.amax(dim=1)
             w = torch.where(member.sum(dim=1) > 0, w, torch.ones_like(w))
         if self.body is not None:
             inside = body_at(self.body, spatial)

@@ -199,6 +199,8 @@ def quantize(
     iterations: int = 200,
     attention: str = "prediction",
     prediction: str = "softmax",
+    calib_augment: int | None = None,
+    holdout: bool | None = None,
     device: str | None = None,
     quiet: bool = False,
 ) -> None:
@@ -233,6 +235,9 @@ def quantize(
         iterations: ADMM iterations per layer.
         attention: prediction (class-balanced, from the float prediction), label (needs --calib_label) or none.
         prediction: softmax (multi-class) or sigmoid (multi-label) network output.
+        calib_augment: augmented copies of the calibration volume calibrated on with it (default: the preset's, 2
+            for default, 0 for original).
+        holdout: choose each layer's solution on the last copy, which the fit does not see (default: the preset's).
         device: cpu, cuda or cuda:N (default cpu).
         quiet: no progress bar or per-layer log.
     """
@@ -243,7 +248,7 @@ def quantize(
     cfg = EfficientQConfig(
         weight_bits=weight_bits, act_bits=act_bits, first_last_bits=first_last_bits, method=method,
         preset=preset, iterations=iterations, attention=attention, prediction=prediction, device=device,
-        progress=not quiet,
+        progress=not quiet, calib_augment=calib_augment, holdout=holdout,
     )
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)

@@ -18,6 +18,8 @@ ERROR_MODES = ("weighted", "unweighted")
 ACT_MODES = ("auto", "unsigned")
 ACT_FITS = ("ls", "output")
 SOLVERS = ("auto", "cholesky", "woodbury", "naive")
+RHO_SCHEDULES = ("after", "before")
+CLASS_WEIGHT_MODES = ("real", "integer")
 
 # Choices that differ between the faithful reproduction of the published code ("original") and ours
 # ("default"). Everything else is shared.
@@ -29,6 +31,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "act_mode": "unsigned",
         "act_fit": "ls",
         "rtn_candidate": False,
+        "rho_schedule": "after",
+        "class_weights": "integer",
+        "calib_augment": 0,
+        "holdout": False,
     },
     "default": {
         "weight_scale": "channel",
@@ -37,6 +43,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "act_mode": "auto",
         "act_fit": "output",
         "rtn_candidate": True,
+        "rho_schedule": "before",
+        "class_weights": "real",
+        "calib_augment": 2,
+        "holdout": True,
     },
 }
 
@@ -87,6 +97,9 @@ class EfficientQConfig:
         iterations: ADMM iterations per layer.
         rho_step_every: ρ doubles (and the scaled dual halves) at every iteration ``i`` with
             ``i % rho_step_every == 0``.
+        rho_schedule: when that step happens: ``"after"`` iteration ``i`` has solved at the current ρ (the
+            published code: iteration 0 runs at ρ0, iterations 1..50 at 2ρ0, ...) or ``"before"`` it
+            (iterations 0..49 at 2ρ0, 50..99 at 4ρ0, ...).
         rho_factor: ``ρ0 = rho_factor · s``.
         eta_factor: ``η = eta_factor · s``; the prior pulling weights toward the float ones.
         rho_cap_factor: ρ never exceeds ``rho_cap_factor · s``.
@@ -94,6 +107,9 @@ class EfficientQConfig:
             given to :func:`quantize_network`) or ``"none"``.
         prediction: ``"softmax"`` (multi-class, argmax) or ``"sigmoid"`` (multi-label, threshold 0.5).
         class_weight_power: ``p`` in ``w_c = (n_max / n_c)^p``.
+        class_weights: ``"real"`` (the weights as defined) or ``"integer"`` (truncated to integers, and for
+            multi-label nets a voxel takes the weight of the last channel that is on, as the published code
+            does: 1.45 becomes 1, which switches attention off for a mildly rare class).
         solver: ``"auto"`` (Woodbury when output voxels < unknowns, else Cholesky), ``"cholesky"``,
             ``"woodbury"`` or ``"naive"`` (a fresh ``torch.linalg.solve`` every iteration; reference).
         solver_dtype: dtype in which the Gram matrices are summed and ADMM solves (``"float64"`` or
@@ -102,6 +118,14 @@ class EfficientQConfig:
         target_device: where float targets are kept (``None``: the solve device; ``"cpu"`` saves GPU memory).
         chunk_bytes: memory bound of one im2col chunk when accumulating Gram matrices.
         act_fit_samples: at most this many values are used to fit an activation quantizer.
+        calib_augment: augmented copies of each calibration volume (MONAI random intensity scale/shift, bias
+            field, gamma, flip, small affine; seeded by ``seed``) quantized together with it, so the weights are
+            fitted to more than one volume's activation pattern (see :mod:`~monai_efficientq.augment`).
+        act_fit_volumes: which volumes the activation ranges are fitted on: ``"all"`` (the given ones and their
+            augmented copies) or ``"given"`` (the given ones only; the copies still feed the weight fit).
+        holdout: the last calibration volume (with ``calib_augment``, the last augmented copy) is not fitted: each
+            layer keeps the ADMM iterate, or the round-to-nearest weights, with the lowest output error there, so a
+            solution that only fits the other volumes better is not chosen. The report gives those errors.
         skip_layers: names of layers to leave in float.
         progress: show a progress bar over layers.
         seed: seed of the activation sub-sampling.
@@ -121,18 +145,23 @@ class EfficientQConfig:
     first_last_bits: int | None = 8
     iterations: int = 200
     rho_step_every: int = 50
+    rho_schedule: str | None = None
     rho_factor: float = 10.0
     eta_factor: float = 1.0
     rho_cap_factor: float = 1000.0
     attention: str = "prediction"
     prediction: str = "softmax"
     class_weight_power: float = 0.5
+    class_weights: str | None = None
     solver: str = "auto"
     solver_dtype: str = "float64"
     device: str | None = None
     target_device: str | None = None
     chunk_bytes: int = 256 * 2**20
-    act_fit_samples: int = 2**20
+    act_fit_samples: int = 2**16
+    calib_augment: int | None = None
+    act_fit_volumes: str = "all"
+    holdout: bool | None = None
     skip_layers: list[str] = field(default_factory=list)
     progress: bool = True
     seed: int = 0
@@ -157,7 +186,14 @@ class EfficientQConfig:
         _check_choice("attention", self.attention, ATTENTION_MODES)
         _check_choice("prediction", self.prediction, PREDICTION_TYPES)
         _check_choice("solver", self.solver, SOLVERS)
+        _check_choice("rho_schedule", self.rho_schedule, RHO_SCHEDULES)
+        _check_choice("class_weights", self.class_weights, CLASS_WEIGHT_MODES)
         _check_choice("solver_dtype", self.solver_dtype, ("float64", "float32"))
+        if isinstance(self.calib_augment, bool) or not isinstance(self.calib_augment, int) or self.calib_augment < 0:
+            raise ValueError(f"calib_augment={self.calib_augment!r} must be a non-negative integer (e.g. 2).")
+        _check_choice("act_fit_volumes", self.act_fit_volumes, ("all", "given"))
+        if not isinstance(self.holdout, bool):
+            raise ValueError(f"holdout={self.holdout!r} must be True or False.")
         if self.iterations < 1 or self.rho_step_every < 1:
             raise ValueError("iterations and rho_step_every must be positive integers.")
         if min(self.rho_factor, self.rho_cap_factor) <= 0 or self.eta_factor < 0:

@@ -143,6 +143,31 @@ def _check_spatial(net: nn.Module, image: Any, label: Any, attention: Any) -> No
             )
 
 
+def _batch(net: nn.Module, parts: list[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
+    """One calibration batch from several ``(image, label, attention)`` items (each a volume or a batch)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = next((m for m in net.modules() if isinstance(getattr(m, "kernel_size", None), tuple)), None)
+    nd = len(first.kernel_size) if first is not None else 0
+    shapes = {tuple(p[0].shape[-nd:]) for p in parts} if nd else set()
+    if len(shapes) > 1:
+        raise ValueError(
+            f"the {len(parts)} calibration volumes have different spatial shapes {sorted(shapes)}: crop them to one "
+            f"size (e.g. preprocess with CalibrationCropd and a fixed roi_size) to calibrate on them together."
+        )
+
+    def batched(value: Any) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value)
+        t = t.as_tensor() if hasattr(t, "as_tensor") else t
+        return t if t.dim() == nd + 2 else t.unsqueeze(0)
+
+    columns = list(zip(*parts))
+    return tuple(
+        None if any(v is None for v in values) else torch.cat([batched(v).float() for v in values])
+        for values in columns
+    )
+
+
 class EfficientQHandler:
     """EfficientQHandler acts as an Ignite handler that quantizes the engine's network post-training with
     EfficientQ (:func:`~monai_efficientq.network.quantize_network`) when an event fires, once.
@@ -174,7 +199,8 @@ class EfficientQHandler:
 
     Args:
         calib_data: the calibration data: a tensor/MetaTensor/ndarray (channel-first ``(C, *S)`` or a batch),
-            a dict item, a dataset (its first item is used) or a DataLoader / iterable (its first batch). From a
+            a dict item, a dataset (its first ``calib_volumes`` items are used) or a DataLoader / iterable (its
+            first ``calib_volumes`` batches). From a
             dict the fields named by ``image_key``, ``label_key`` and ``attention_key`` are taken; from a
             list/tuple item its first element (a dict, or the image). It is read when the event fires.
         config: the quantization settings (default ``EfficientQConfig()``), or a dict of its fields.
@@ -195,6 +221,8 @@ class EfficientQHandler:
         device: where to solve (default: ``config.device``, else ``engine.state.device``, else the network's
             device). The quantized network is moved back to the network's device.
         network: the network to quantize (default ``engine.network``).
+        calib_volumes: how many items of a dataset (batches of a DataLoader) to calibrate on together; each is
+            preprocessed, they must then share one spatial shape, and each volume gets its own attention map.
         config_kwargs: fields of :class:`~monai_efficientq.config.EfficientQConfig` overriding ``config``
             (e.g. ``weight_bits=2, act_bits=2``), so bundle configs can write them directly.
 
@@ -217,6 +245,7 @@ class EfficientQHandler:
         preprocess: Callable | None = None,
         device: str | torch.device | None = None,
         network: nn.Module | None = None,
+        calib_volumes: int = 1,
         **config_kwargs: Any,
     ) -> None:
         if calib_data is None:
@@ -241,6 +270,9 @@ class EfficientQHandler:
             raise ValueError(
                 f"report_path={os.fspath(report_path)!r}: give the .json path; the .md is written next to it."
             )
+        if isinstance(calib_volumes, bool) or not isinstance(calib_volumes, int) or calib_volumes < 1:
+            raise ValueError(f"calib_volumes={calib_volumes!r} must be a positive integer (e.g. 2).")
+        self.calib_volumes = calib_volumes
         self.preprocess = preprocess
         self.device = device
         self.network = network
@@ -282,8 +314,10 @@ class EfficientQHandler:
         solve_device = self.device or cfg.device or getattr(getattr(engine, "state", None), "device", None)
         if solve_device is not None and str(solve_device) != str(cfg.device):
             cfg = dataclasses.replace(cfg, device=str(torch.device(solve_device)))
-        image, label, attention = self._calibration_item()
-        _check_spatial(net, image, label, attention)
+        parts = self._calibration_items()
+        for part in parts:
+            _check_spatial(net, *part)
+        image, label, attention = _batch(net, parts)
         self.logger.info(
             "EfficientQ: quantizing %s (W%s A%s, %s) on a calibration volume of shape %s",
             type(net).__name__, cfg.weight_bits, cfg.act_bits if cfg.act_bits is not None else "-", cfg.method,
@@ -341,32 +375,40 @@ class EfficientQHandler:
                 "weights. List EfficientQHandler AFTER CheckpointLoader in the handlers."
             )
 
-    def _first_item(self) -> Any:
+    def _items(self) -> list[Any]:
+        """The first ``calib_volumes`` calibration items (of a DataLoader: batches)."""
         data = self.calib_data
         if isinstance(data, (torch.Tensor, np.ndarray, Mapping)):
-            return data
-        if isinstance(data, torch.utils.data.DataLoader):
-            return next(iter(data))
-        if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+            return [data]
+        if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(
+            data, torch.utils.data.DataLoader
+        ):
             if len(data) == 0:
                 raise ValueError("calib_data is empty: give at least one calibration item.")
             if isinstance(data, (list, tuple)) and not isinstance(data[0], (Mapping, torch.Tensor, np.ndarray)):
                 raise TypeError(
                     f"calib_data is a {type(data).__name__} of {type(data[0]).__name__}: give tensors or dicts."
                 )
-            return data[0]
-        if hasattr(data, "__iter__"):
-            try:
-                return next(iter(data))
-            except StopIteration:
-                raise ValueError("calib_data is empty: give at least one calibration item.") from None
-        raise TypeError(
-            f"calib_data of type {type(data).__name__} is not supported: give a tensor/ndarray, a dict item, a "
-            f"dataset or a DataLoader."
-        )
+            return [data[i] for i in range(min(self.calib_volumes, len(data)))]
+        if not hasattr(data, "__iter__"):
+            raise TypeError(
+                f"calib_data of type {type(data).__name__} is not supported: give a tensor/ndarray, a dict item, a "
+                f"dataset or a DataLoader."
+            )
+        items: list[Any] = []
+        for batch in data:
+            items.append(batch)
+            if len(items) >= self.calib_volumes:
+                break
+        if not items:
+            raise ValueError("calib_data is empty: give at least one calibration item.")
+        return items[: self.calib_volumes]
 
-    def _calibration_item(self) -> tuple[Any, Any, Any]:
-        item = self._first_item()
+    def _calibration_items(self) -> list[tuple[Any, Any, Any]]:
+        """``(image, label, attention map)`` of each calibration item, preprocessed."""
+        return [self._one_item(item) for item in self._items()]
+
+    def _one_item(self, item: Any) -> tuple[Any, Any, Any]:
         while isinstance(item, (list, tuple)):  # e.g. a list of crops from RandCropByPosNegLabeld, (image, label)
             if not item:
                 raise ValueError("the first calibration item is an empty list.")

@@ -22,6 +22,7 @@ from torch import nn
 
 from .attention import AttentionMaps, body_at, label_to_scores
 from .config import EfficientQConfig
+from .dataflow import edge_layers
 from .folding import find_conv_bn_pairs, fold_batchnorm, set_submodule
 from .layers import (
     QUANTIZABLE_TYPES,
@@ -173,9 +174,15 @@ class _QuantizingRun:
         log: logging.Logger,
         progress: Any,
         body: torch.Tensor | None = None,
+        edges: set[str] | None = None,
+        given_volumes: int = 1,
+        holdout: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.given_volumes = given_volumes
+        self.holdout = holdout  # the last volume is held out of the fit
         self.body = body
+        self.edges = edges if edges is not None else {order[0], order[-1]}
         self.targets = targets
         self.order = order
         self.attention = attention
@@ -186,7 +193,8 @@ class _QuantizingRun:
         self.quantized: dict[str, nn.Module] = {}
         self.records: list[LayerRecord] = []
         self.settings = SolverSettings(
-            iterations=cfg.iterations, rho_step_every=cfg.rho_step_every, rho_factor=cfg.rho_factor,
+            iterations=cfg.iterations, rho_step_every=cfg.rho_step_every, rho_schedule=cfg.rho_schedule,
+            rho_factor=cfg.rho_factor,
             eta_factor=cfg.eta_factor, rho_cap_factor=cfg.rho_cap_factor,
             best_iterate_error=cfg.best_iterate_error, rtn_candidate=bool(cfg.rtn_candidate),
             solver=cfg.solver, method=cfg.method,
@@ -194,8 +202,7 @@ class _QuantizingRun:
 
     def _bits(self, name: str) -> tuple[int, int | None]:
         cfg = self.cfg
-        edge = name in (self.order[0], self.order[-1])
-        if edge and cfg.first_last_bits is not None:
+        if name in self.edges and cfg.first_last_bits is not None:
             return cfg.first_last_bits, None
         return cfg.weight_bits, cfg.act_bits
 
@@ -213,14 +220,18 @@ class _QuantizingRun:
         if self.attention is not None and not isinstance(layer, nn.Linear):
             h_map = self.attention.for_shape(y.shape[0], y.shape[2:])
         if act_bits is not None:
-            signed = cfg.act_mode == "auto" and bool((x < 0).any())
-            fit_values = x
+            # ranges from the given volumes only, or from their augmented copies too
+            n = self.given_volumes if cfg.act_fit_volumes == "given" else x.shape[0]
+            x_fit, body = x[:n], self.body[:n] if self.body is not None else None
+            signed = cfg.act_mode == "auto" and bool((x_fit < 0).any())
+            fit_values = x_fit
             if cfg.act_fit == "output":  # fit on the voxels inside the body only
-                fit_values = _inside_body(x, self.body)
+                fit_values = _inside_body(x_fit, body)
             act_quant = ActQuantizer(act_bits, signed=signed).fit(fit_values, cfg.act_fit_samples, cfg.seed)
             act_quant = act_quant.to(x.device)
             if cfg.act_fit == "output":
-                _choose_act_range(act_quant, layer, x, y.to(x.device), h_map, cfg.act_range_factors)
+                h_fit = h_map[:n] if h_map is not None else None
+                _choose_act_range(act_quant, layer, x_fit, y[:n].to(x.device), h_fit, cfg.act_range_factors)
             xq = act_quant(x)
         w_mat = weight_matrix(layer).detach()
         bias = layer.bias.detach().reshape(w_mat.shape[:2]) if layer.bias is not None else None
@@ -238,14 +249,17 @@ class _QuantizingRun:
             # im2col chunks in the activations' dtype; the solver sums their products in solver_dtype
             y_mat = output_matrix(layer, y)
             h = h_map.reshape(-1).to(self.device) if h_map is not None else None
+            held_from = y_mat.shape[-1] - y_mat.shape[-1] // y.shape[0] if self.holdout else None
             for cols, patches in input_patches(layer, xq.to(self.device), cfg.chunk_bytes, xq.dtype):
-                solver.add(patches, y_mat[..., cols].to(self.device), h[cols] if h is not None else None)
+                for part, piece, held in _split_columns(cols, patches, held_from):
+                    solver.add(piece, y_mat[..., part].to(self.device), h[part] if h is not None else None, held)
             del y_mat
             sol = solver.solve(attention_mean=float(h.mean()) if h is not None else 1.0)
             if math.isnan(sol.error):  # unweighted errors, measured directly by the layer's forward
-                y = y.to(self.device)
-                sol.error = _relative_errors(layer, xq, sol.weight, sol.bias, y)[0]
-                sol.rtn_error = _relative_errors(layer, xq, sol.rtn_weight, layer.bias, y)[0]
+                fit = slice(0, y.shape[0] - 1 if self.holdout else y.shape[0])  # on the fitted volumes
+                y = y[fit].to(self.device)
+                sol.error = _relative_errors(layer, xq[fit], sol.weight, sol.bias, y)[0]
+                sol.rtn_error = _relative_errors(layer, xq[fit], sol.rtn_weight, layer.bias, y)[0]
         del y
         q_bias = sol.bias.reshape(-1).to(layer.weight.dtype) if sol.bias is not None else None
         qlayer = build_quantized(
@@ -258,6 +272,7 @@ class _QuantizingRun:
             act_bits=act_bits, act_signed=act_quant.signed if act_quant is not None else None,
             rtn_error=sol.rtn_error, error=sol.error, rtn_error_weighted=sol.rtn_error_weighted,
             error_weighted=sol.error_weighted, best_iteration=sol.best_iteration, solver=sol.solver,
+            held_out_rtn_error=sol.held_out_rtn_error, held_out_error=sol.held_out_error,
             seconds=time.perf_counter() - t0,
         )
         self.records.append(record)
@@ -268,6 +283,19 @@ class _QuantizingRun:
         if self.progress is not None:
             self.progress.update(1)
         return qlayer(x)
+
+
+def _split_columns(
+    cols: slice, patches: torch.Tensor, held_from: int | None
+) -> list[tuple[slice, torch.Tensor, bool]]:
+    """A chunk of im2col columns split where the held-out columns (from ``held_from`` on) begin:
+    ``[(columns, patches, held_out)]``."""
+    if held_from is None or cols.stop <= held_from:
+        return [(cols, patches, False)]
+    if cols.start >= held_from:
+        return [(cols, patches, True)]
+    cut = held_from - cols.start
+    return [(slice(cols.start, held_from), patches[..., :cut], False), (slice(held_from, cols.stop), patches[..., cut:], True)]
 
 
 def _inside_body(x: torch.Tensor, body: torch.Tensor | None) -> torch.Tensor:
@@ -418,6 +446,24 @@ def quantize_network(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     x = prepare_calibration(net, calib_volume).to(device)
+    augment, holdout = cfg.calib_augment, cfg.holdout
+    if augment and x.dim() < 3:  # e.g. a Linear-only net on feature vectors: nothing spatial to augment
+        log.warning("calib_augment=%d ignored: the calibration data %s have no spatial dimensions.", augment,
+                    tuple(x.shape))
+        augment, holdout = 0, holdout and x.shape[0] >= 2
+    if holdout and x.shape[0] * (1 + augment) < 2:
+        raise ValueError(
+            "holdout=True selects each layer's solution on a calibration volume the fit does not see, so it needs "
+            "at least two: set calib_augment >= 1 (augmented copies) or pass a batch of volumes."
+        )
+    label = _batched(label, "label", x)
+    attention_map = _batched(attention_map, "attention_map", x)
+    given_volumes, given_shape = x.shape[0], list(x.shape)
+    if augment:
+        from .augment import augmented_copies
+
+        x, label, attention_map = augmented_copies(x, augment, cfg.seed, label, attention_map)
+        log.info("Calibrating on %d volumes: %d augmented copies of each calibration volume.", x.shape[0], augment)
 
     qnet = copy.deepcopy(net).eval().to(device)
     float_bytes = _state_bytes(qnet)
@@ -444,8 +490,15 @@ def quantize_network(
 
     body = (x != 0).any(dim=1) if x.dim() >= 3 else None
     attention = _attention(cfg, float_out, x, body, label, attention_map)
+    edges: set[str] | None = None
+    if cfg.first_last_bits is not None:  # first and last by data flow: every layer that reads the input or writes the output
+        first, last = edge_layers(qnet, x, {n: layers[n] for n in recorder.order})
+        edges = set(first) | set(last)
+        log.info("First layers (input): %s; last layers (output): %s.", ", ".join(first), ", ".join(last))
     progress = _progress_bar(len(recorder.order), cfg.progress)
-    run = _QuantizingRun(cfg, recorder.targets, recorder.order, attention, device, log, progress, body)
+    run = _QuantizingRun(
+        cfg, recorder.targets, recorder.order, attention, device, log, progress, body, edges, given_volumes, holdout
+    )
     log.info(
         "EfficientQ: %d layers, %s W%d A%s, preset %s, on %s", len(recorder.order), cfg.method, cfg.weight_bits,
         cfg.act_bits if cfg.act_bits is not None else "-", cfg.preset, device,
@@ -468,7 +521,7 @@ def quantize_network(
         config=cfg.to_dict(), layers=run.records, float_layers=_float_layer_list(qnet, layers, recorder.order, cfg),
         folded_batchnorm=[list(p) for p in pairs], total_seconds=time.perf_counter() - t_start,
         peak_memory_mb=peak, peak_memory_kind=kind, float_bytes=float_bytes, packed_bytes=packed_size(qnet),
-        calibration_shape=list(x.shape), device=str(device),
+        calibration_shape=given_shape, device=str(device),
         calib_agreement_dice=_agreement_dice(float_out, q_out, cfg.prediction == "sigmoid"),
     )
     log.info(
@@ -494,6 +547,14 @@ def _fold(qnet: nn.Module, net: nn.Module, x: torch.Tensor, log: logging.Logger)
     return pairs, float_out
 
 
+def _batched(data: Any, what: str, x: torch.Tensor) -> torch.Tensor | None:
+    """``data`` (a label or attention map, ``(N|1, C, *S)`` or ``(C, *S)``) as a tensor on ``x``'s device."""
+    if data is None:
+        return None
+    t = _as_tensor(data, what).to(x.device)
+    return t if t.dim() == x.dim() else t.unsqueeze(0)
+
+
 def _first_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -513,19 +574,16 @@ def _attention(
     attention_map: Any,
 ) -> AttentionMaps | None:
     multi_label = cfg.prediction == "sigmoid"
+    integer = cfg.class_weights == "integer"
     if attention_map is not None:
-        amap = _as_tensor(attention_map, "attention_map").to(x.device)
-        amap = amap if amap.dim() == x.dim() else amap.unsqueeze(0)
-        return AttentionMaps(None, body, multi_label, cfg.class_weight_power, weight_map=amap)
+        return AttentionMaps(None, body, multi_label, cfg.class_weight_power, weight_map=attention_map)
     if cfg.attention == "none" or float_out.dim() != x.dim():
         return None
     if cfg.attention == "label":
         if label is None:
             raise ValueError('attention="label" needs the calibration label: pass label=... to quantize_network.')
-        lab = _as_tensor(label, "label").to(x.device)
-        lab = lab if lab.dim() == x.dim() else lab.unsqueeze(0)
-        scores = lab.float() if multi_label else label_to_scores(lab, float_out.shape[1])
+        scores = label.float() if multi_label else label_to_scores(label, float_out.shape[1])
         if multi_label:
             scores = scores * 2 - 1  # one-hot {0,1} -> logits whose sign marks "on"
-        return AttentionMaps(scores, body, multi_label, cfg.class_weight_power)
-    return AttentionMaps(float_out, body, multi_label, cfg.class_weight_power)
+        return AttentionMaps(scores, body, multi_label, cfg.class_weight_power, integer=integer)
+    return AttentionMaps(float_out, body, multi_label, cfg.class_weight_power, integer=integer)

@@ -22,7 +22,8 @@ class LayerRecord:
     """One quantized layer.
 
     Errors are squared output errors on the calibration volume relative to ``‖Y‖²``;
-    ``*_weighted`` use the attention map.
+    ``*_weighted`` use the attention map; ``held_out_*`` are measured on the held-out calibration volume
+    (``holdout=True``) and chose the layer's solution.
     """
 
     name: str
@@ -38,6 +39,8 @@ class LayerRecord:
     best_iteration: int
     solver: str
     seconds: float
+    held_out_rtn_error: float | None = None
+    held_out_error: float | None = None
 
 
 @dataclass
@@ -110,14 +113,19 @@ class QuantizationReport:
         """The report as Markdown; also written (atomically) to ``path`` if given."""
         cfg = self.config
         act = cfg.get("act_bits")
+        copies = f" and {cfg['calib_augment']} augmented copies of each" if cfg.get("calib_augment") else ""
         lines = [
             "# EfficientQ quantization report",
             "",
             f"- method: `{cfg.get('method')}`, preset: `{cfg.get('preset')}`, weights W{cfg.get('weight_bits')}"
             f", activations {'A' + str(act) if act else 'float'}, first/last layers "
             f"{'W' + str(cfg.get('first_last_bits')) + ' float input' if cfg.get('first_last_bits') else 'as the others'}",
-            f"- scale: per {cfg.get('weight_scale')}, grid: {cfg.get('weight_grid')}, ADMM iterations: {cfg.get('iterations')}",
-            f"- calibration volume: {self.calibration_shape}, device: {self.device}",
+            f"- scale: per {cfg.get('weight_scale')}, grid: {cfg.get('weight_grid')}, ADMM iterations: {cfg.get('iterations')}"
+            f", ρ doubles {cfg.get('rho_schedule')} the solve at every {cfg.get('rho_step_every')}th iteration, "
+            f"η factor {cfg.get('eta_factor')}",
+            f"- attention: {cfg.get('attention')}, class weights {cfg.get('class_weights')}; activation range fit: "
+            f"{cfg.get('act_fit')}; calibration augmentation: {cfg.get('calib_augment') or 'none'}",
+            f"- calibration volume: {self.calibration_shape}{copies}, device: {self.device}",
             f"- total time: {self.total_seconds:.1f} s, peak memory: {self.peak_memory_mb:.0f} MB ({self.peak_memory_kind})",
             f"- size: float {self.float_bytes / 2**20:.2f} MiB, packed {self.packed_bytes / 2**20:.2f} MiB"
             f" ({self.compression:.1f}x smaller)",
@@ -137,15 +145,21 @@ class QuantizationReport:
             "",
             "## Layers",
             "",
-            "| # | layer | type | shape | W | A | RTN error | EfficientQ error | best it. | solver | seconds |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        held = any(r.held_out_error is not None for r in self.layers)
+        head = "| # | layer | type | shape | W | A | RTN error | EfficientQ error |"
+        head += " held-out RTN error | held-out error |" if held else ""
+        lines += [head + " best it. | solver | seconds |", "|---" * (11 + 2 * held) + "|"]
         for i, r in enumerate(self.layers):
             a = "float" if r.act_bits is None else f"{r.act_bits}{'s' if r.act_signed else 'u'}"
+            held_cells = f" {_fmt_err(r.held_out_rtn_error)} | {_fmt_err(r.held_out_error)} |" if held else ""
             lines.append(
                 f"| {i} | `{r.name}` | {r.type} | {'x'.join(map(str, r.shape))} | {r.weight_bits} | {a} | "
-                f"{r.rtn_error:.4g} | {r.error:.4g} | {r.best_iteration} | {r.solver} | {r.seconds:.2f} |"
+                f"{r.rtn_error:.4g} | {r.error:.4g} |{held_cells} {r.best_iteration} | {r.solver} | {r.seconds:.2f} |"
             )
+        if held:
+            lines += ["", "Held-out errors: on the last calibration volume, which the fit did not see; the layer kept "
+                      "the candidate (an ADMM iterate, or round-to-nearest: best it. -1) with the lowest one."]
         if self.float_layers:
             lines += ["", "## Left in float", "", "| layer | type | reason |", "|---|---|---|"]
             lines += [f"| `{f['name']}` | {f['type']} | {f['reason']} |" for f in self.float_layers]
@@ -153,6 +167,10 @@ class QuantizationReport:
         if path is not None:
             atomic_write_text(path, text)
         return text
+
+
+def _fmt_err(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
 
 
 def _dice_columns(dice: dict[str, Any]) -> list[str]:

@@ -32,6 +32,7 @@ class SolverSettings:
 
     iterations: int = 200
     rho_step_every: int = 50
+    rho_schedule: str = "before"
     rho_factor: float = 10.0
     eta_factor: float = 1.0
     rho_cap_factor: float = 1000.0
@@ -51,7 +52,8 @@ class LayerSolution:
     Errors are squared output errors on the calibration data relative to ``‖Y‖²`` (weighted by the
     attention map, and unweighted). The unweighted ones come from the Gram statistics only when those were
     accumulated (unweighted best-iterate selection, or no attention); otherwise they are ``nan`` and the
-    caller measures them (the network driver does, by a direct forward of the layer).
+    caller measures them (the network driver does, by a direct forward of the layer). With held-out columns,
+    ``held_out_*`` are the errors there (relative, weighted as the ranking), which chose the solution.
     """
 
     codes: torch.Tensor
@@ -68,6 +70,8 @@ class LayerSolution:
     seconds: float
     s: float = 0.0
     history: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    held_out_rtn_error: float | None = None
+    held_out_error: float | None = None
 
 
 class _ErrorTerms:
@@ -111,6 +115,29 @@ class _ErrorTerms:
             w32 = wb.to(torch.float32)
             quad = float(((w32 @ self._a_fast) * w32).sum(dtype=torch.float64))
         return quad - 2 * float((wb * self.B).sum()) + self.yy
+
+
+class _ColumnTerms:
+    """The interface of :class:`_ErrorTerms` over stored columns ``(X, Y, H)``: for layers with fewer output voxels
+    than unknowns, where the columns are smaller than the Gram matrices."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.columns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.yy = 0.0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
+        x, y = x.to(self.dtype), y.to(self.dtype)
+        h = h.to(self.dtype) if h is not None else None
+        self.columns.append((x, y, h))
+        self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
+
+    def error(self, wb: torch.Tensor, exact: bool = True) -> float:
+        total = 0.0
+        for x, y, h in self.columns:
+            e2 = (wb @ x - y).pow(2)
+            total += float((e2 if h is None else e2 * h).sum(dtype=torch.float64))
+        return total
 
 
 class LayerSolver:
@@ -164,6 +191,7 @@ class LayerSolver:
         self._h_count = 0
         self._seen = 0
         self._uniform = True  # no attention weights streamed so far
+        self.held: _ErrorTerms | _ColumnTerms | None = None  # held-out columns: rank the iterates, never fitted
 
     def _with_ones(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_bias:
@@ -171,7 +199,7 @@ class LayerSolver:
         return torch.cat([x, x.new_ones(x.shape[0], 1, x.shape[2])], dim=1)
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None = None, held_out: bool = False) -> None:
         """Stream in one chunk.
 
         Args:
@@ -179,7 +207,12 @@ class LayerSolver:
                 are computed in this dtype).
             y: float targets of the same columns ``(groups, C_out/groups, P_chunk)``.
             h: attention weights of the same columns ``(P_chunk,)``, or ``None`` for all ones.
+            held_out: these columns are not fitted; the ADMM iterate (or the round-to-nearest weights) with the
+                lowest error on them is kept (weighted or not as ``best_iterate_error`` says).
         """
+        if held_out:
+            self._add_held_out(x, y, h)
+            return
         if self.mode == "woodbury":  # the columns are kept: store them in the solve dtype
             x, y = x.to(self.dtype), y.to(self.dtype)
         else:  # products in the chunk's own dtype (float32 activations), summed in the solve dtype
@@ -203,6 +236,22 @@ class LayerSolver:
             if self.unweighted is None:
                 self.unweighted = _ErrorTerms(self.dtype)
             self.unweighted.add(x, y, None)
+
+    def _add_held_out(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
+        if self.held is None:
+            self.held = _ColumnTerms(self.dtype) if self.mode == "woodbury" else _ErrorTerms(self.dtype)
+        x = self._with_ones(x)
+        weighted = h is not None and self.settings.best_iterate_error == "weighted"
+        self.held.add(x, y.to(x.dtype), h.to(x.dtype) if weighted else None)
+        self._seen += y.shape[-1]
+
+    def _rank(self, wb: torch.Tensor) -> float:
+        """The error that ranks candidate solutions: on the held-out columns when there are any, else the
+        calibration error chosen by ``best_iterate_error`` (float32 quadratic term, see ``_ErrorTerms.error``)."""
+        if self.held is not None:
+            return self.held.error(wb, exact=False)
+        err_w, err_u = self._errors(wb, exact=False)
+        return err_w if self.settings.best_iterate_error == "weighted" else err_u
 
     # ----------------------------------------------------------------------------------------- solve
     def _scale_s(self, attention_mean: float) -> float:
@@ -325,10 +374,9 @@ class LayerSolver:
         # round to nearest: the floor, and a candidate iterate
         rtn_w, rtn_scale, rtn_codes = self._project(self.w0, None)
         rtn_wb = self._wb(rtn_w, self.b0)
-        rank_w, rank_u = self._errors(rtn_wb, exact=False)  # ranked like the ADMM iterates
         best = {
             "codes": rtn_codes, "scale": rtn_scale, "weight": rtn_w, "bias": self.b0,
-            "err": rank_w if st.best_iterate_error == "weighted" else rank_u, "iteration": -1,
+            "err": self._rank(rtn_wb), "iteration": -1,  # ranked like the ADMM iterates
         }
         s = self._scale_s(attention_mean)
         history: list[dict[str, torch.Tensor]] = []
@@ -346,6 +394,11 @@ class LayerSolver:
             best_iteration=best["iteration"], solver=self.mode if st.method == "efficientq" else "rtn",
             seconds=time.perf_counter() - t0, s=s, history=history,
         )
+        if self.held is not None:
+            held_yy = max(self.held.yy, 1e-300)
+            solution.held_out_rtn_error = self.held.error(rtn_wb) / held_yy
+            solution.held_out_error = self.held.error(self._wb(best["weight"], best["bias"])) / held_yy
+            self.held = None
         self._cols_x, self._cols_y, self._cols_h = [], [], []
         self.weighted = _ErrorTerms(self.dtype)
         self.unweighted = None
@@ -364,10 +417,9 @@ class LayerSolver:
         scale = start_scale  # warm start of the joint scale fit
         k = self.w0.shape[-1]
         for it in range(st.iterations):
-            if it % st.rho_step_every == 0:
-                new_rho = min(2 * rho, rho_cap)
-                u = u * (rho / new_rho)  # keep the unscaled dual ρ·U
-                rho = new_rho
+            step_rho = it % st.rho_step_every == 0
+            if step_rho and st.rho_schedule == "before":
+                rho, u = _double_rho(rho, rho_cap, u)
             if rho not in inverses:
                 inverses = {rho: self._make_inverse(rho, eta)}  # one factorization per distinct ρ
             target = g - u
@@ -377,12 +429,19 @@ class LayerSolver:
             bias = vb[..., k] if self.has_bias else None
             g, scale, codes = self._project(v + u, scale)
             u = u + v - g
-            err_w, err_u = self._errors(self._wb(g, bias), exact=False)
-            err = err_w if st.best_iterate_error == "weighted" else err_u
+            err = self._rank(self._wb(g, bias))
             if st.record_history:
                 history.append({"v": vb.clone(), "codes": codes.clone(), "scale": scale.clone(), "rho": torch.tensor(rho)})
             if err < best["err"]:
                 best.update(codes=codes, scale=scale, weight=g, bias=bias, err=err, iteration=it)
+            if step_rho and st.rho_schedule == "after":
+                rho, u = _double_rho(rho, rho_cap, u)
+
+
+def _double_rho(rho: float, rho_cap: float, u: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """ρ doubles (at most ``rho_cap``) and the scaled dual ``U`` shrinks with it, keeping ``ρ·U``."""
+    new_rho = min(2 * rho, rho_cap)
+    return new_rho, u * (rho / new_rho)
 
 
 def _cholesky(m: torch.Tensor) -> torch.Tensor:

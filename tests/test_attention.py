@@ -54,3 +54,39 @@ def test_precomputed_weight_map_is_average_pooled():
     m = maps.for_shape(1, (2, 2, 2))
     assert torch.allclose(m[0, 0], torch.full((2, 2), 3.0, dtype=torch.float64))
     assert torch.allclose(m[0, 1], torch.ones(2, 2, dtype=torch.float64))
+
+
+def test_integer_class_weights_truncate_as_the_published_code():
+    label = torch.zeros(8, 8, 8, dtype=torch.long)
+    label[:2, :2, :2] = 1  # 8 voxels: weight sqrt(376/8) = 6.86 -> 6
+    label[4:, 4:, :] = 2  # 128 voxels: weight 1.71 -> 1 (attention off for the mildly rare class)
+    real = AttentionMaps(_scores(label, 3), None, multi_label=False)
+    integer = AttentionMaps(_scores(label, 3), None, multi_label=False, integer=True)
+    assert torch.equal(integer.weights, real.weights.floor())
+    assert not torch.equal(integer.weights, real.weights)
+    full = integer.full_resolution()
+    assert full[0, 0, 0, 0] == 6.0 and full[0, 6, 6, 0] == 1.0
+
+
+def test_integer_multilabel_voxel_takes_the_last_channel_on():
+    logits = -torch.ones(1, 2, 6, 6, 6)
+    logits[:, 1, :3] = 1  # channel 1 on in half (108 voxels): weight 1
+    logits[:, 0, :1, :2] = 1  # channel 0 on in 12 voxels inside that half: weight sqrt(108/12) = 3
+    real = AttentionMaps(logits, None, multi_label=True).full_resolution()
+    integer = AttentionMaps(logits, None, multi_label=True, integer=True).full_resolution()
+    assert real[0, 0, 0, 0] == 3.0  # both channels on: the largest weight
+    assert integer[0, 0, 0, 0] == 1.0  # the last channel on (1) wins, although channel 0 weighs 3
+    assert real[0, 2, 0, 0] == integer[0, 2, 0, 0] == 1.0
+
+
+def test_each_volume_gets_its_own_class_balance():
+    a = torch.zeros(8, 8, 8, dtype=torch.long)
+    a[:2] = 1  # class 1 in a quarter of volume 0
+    b = torch.zeros(8, 8, 8, dtype=torch.long)
+    b[:1, :1, :1] = 1  # class 1 in one voxel of volume 1
+    scores = torch.cat([_scores(a, 2), _scores(b, 2)])
+    maps = AttentionMaps(scores, None, multi_label=False)
+    assert torch.allclose(maps.weights[0], class_weights(classes_from_scores(scores[:1], False)))
+    assert torch.allclose(maps.weights[1], class_weights(classes_from_scores(scores[1:], False)))
+    full = maps.full_resolution()
+    assert full[0, 0, 0, 0] == 3 ** 0.5 and full[1, 0, 0, 0] == 511 ** 0.5

@@ -114,6 +114,7 @@ def test_quantize_outputs(quantize_run):
     assert report["config"]["weight_bits"] == 4 and report["config"]["act_bits"] == 2
     assert report["config"]["iterations"] == 3
     assert report["calibration_shape"] == [1, 1, 32, 32, 32]
+    assert report["config"]["calib_augment"] == 2 and report["config"]["holdout"]  # the default preset
     # the packed checkpoint carries the same report, Dice included
     state = torch.load(os.path.join(out, "model_quantized.pt"), weights_only=True)
     assert state["report"]["dice"] == report["dice"]

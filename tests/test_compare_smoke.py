@@ -70,7 +70,8 @@ def _run(compare, data, out, methods, settings="W4", **kw):
     return compare.run(
         network="monai.networks.nets.UNet", network_kwargs=json.dumps(UNET_KWARGS),
         checkpoint=str(data / "unet.pt"), eval_datalist=str(data / "datalist.json"),
-        methods=methods, settings=settings, out=str(out), roi_size=16, iterations=3, threads=1, isolate=False, **kw,
+        methods=methods, settings=settings, out=str(out), roi_size=16, iterations=3, threads=1, isolate=False,
+        calib_roi=kw.pop("calib_roi", "full"), **kw,
     )
 
 
@@ -114,12 +115,17 @@ def test_compare_ours_w4(compare, data, tmp_path):
     assert os.path.getsize(png) > 0
 
 
-def test_calibration_crop_is_foreground_centred(compare):
+def test_calibration_crop_is_the_bundle_protocol(compare):
+    from monai_efficientq.transforms import CalibrationCrop
+
     image = torch.zeros(1, 40, 40, 40)
     image[:, 25:35, 5:15, 18:22] = 1.0
-    crop, label, box = compare.calibration_crop(image, None, (16, 16, 20), divisor=16)
-    assert crop.shape == (1, 16, 16, 16)
-    assert box["start"] == [22, 2, 12]
+    label = (image > 0).float()
+    crop, crop_label, box = compare.calibration_crop(image, label, (16, 16, 20), divisor=16)
+    assert crop.shape == (1, 16, 16, 32)  # the ROI padded *up* to multiples of 16, as CalibrationCrop does
+    assert torch.equal(crop, CalibrationCrop((16, 16, 20), divisible_by=16)(image))
+    assert torch.equal(crop_label, crop)  # the label gets the image's box
+    assert box["start"] == [22, 2, 10]
     assert crop.sum() == image.sum()  # the foreground is inside the crop
     crop, _, box = compare.calibration_crop(torch.ones(2, 10, 33, 16), None, None)
     assert crop.shape == (2, 16, 48, 16)
@@ -166,3 +172,18 @@ def test_merge_keeps_the_first_row_and_pivot_marks_missing_runs(tmp_path):
     assert [line.split(" | ")[0] for line in table[2:]] == ["| float", "| rtn", "| eq_default"]
     assert "| rtn | not run | 0.5000 | not run |" in table[3]
     assert table[4].startswith("| eq_default | 0.8500 | not run | 2 | 100 | 2 | 3/4 |")
+
+
+def test_eq_options_reach_our_rows(compare, data, tmp_path):
+    assert compare._as_dict({"holdout": "false", "calib_augment": 1}) == {"holdout": False, "calib_augment": 1}
+    assert compare._as_dict('{"holdout": true}') == {"holdout": True}
+    out = tmp_path / "options.json"
+    _run(compare, data, out, "eq_default", eq_options={"calib_augment": 0, "holdout": "false", "eta_factor": 0.5})
+    results = json.loads(out.read_text())
+    assert results["meta"]["eq_options"] == {"calib_augment": 0, "holdout": False, "eta_factor": 0.5}
+    (row,) = [r for r in results["rows"] if r["method"] == "eq_default"]
+    assert row["status"] == "ok", row.get("traceback")
+    assert '"eta_factor": 0.5' in (tmp_path / "options.md").read_text()
+    with pytest.raises(TypeError):
+        compare.quantize_ours("eq_default", None, None, None, 2, None, {"iterations": 1, "prediction": "softmax",
+                              "device": "cpu", "eq_options": {"no_such_field": 1}}, str(tmp_path))

@@ -299,3 +299,31 @@ def test_network_argument_for_engines_without_network():
     EfficientQHandler(x, network=net, **FAST).attach(engine)
     engine.run([0], max_epochs=1)
     assert n_quantized(net) > 0
+
+
+def test_several_calibration_volumes_from_a_dataset_and_a_dataloader(monkeypatch):
+    calls = spy_quantize(monkeypatch)
+    volumes = [make_volume(20, seed=i) for i in range(3)]
+    pre = CalibrationCropd(keys="image", roi_size=12, divisible_by=16)
+    handler = EfficientQHandler(
+        calib_data=Dataset([{"image": v} for v in volumes]), preprocess=pre, calib_volumes=2, **FAST
+    )
+    engine = bare_engine(make_net())
+    handler.attach(engine)
+    engine.run([0], max_epochs=1)
+    calib = calls[0]["calib"]
+    assert tuple(calib.shape) == (2, 1, 16, 16, 16)  # the first two items, each cropped, as one batch
+    for i in range(2):
+        assert torch.equal(calib[i], torch.as_tensor(pre({"image": volumes[i]})["image"]))
+    assert handler.report.calibration_shape == [2, 1, 16, 16, 16]
+    loader = DataLoader(Dataset([{"image": v} for v in volumes]), batch_size=2)
+    EfficientQHandler(calib_data=loader, calib_volumes=2, **FAST).attach(engine := bare_engine(make_net()))
+    engine.run([0], max_epochs=1)
+    assert tuple(calls[1]["calib"].shape) == (3, 1, 20, 20, 20)  # two batches: 2 + 1 volumes
+    with pytest.raises(ValueError, match="calib_volumes"):
+        EfficientQHandler(calib_data=loader, calib_volumes=0)
+    sizes = Dataset([{"image": make_volume(16)}, {"image": make_volume(20)}])
+    handler = EfficientQHandler(calib_data=sizes, calib_volumes=2, **FAST)
+    handler.attach(engine := bare_engine(make_net()))
+    with pytest.raises(ValueError, match="different spatial shapes"):
+        engine.run([0], max_epochs=1)

@@ -65,6 +65,18 @@ def test_first_last_rule_and_bits():
     assert all(r.weight_bits == 3 for r in report.layers)
 
 
+@pytest.mark.parametrize("preset", ["default", "original"])
+def test_every_layer_reading_the_image_is_a_first_layer(preset):
+    # a MONAI UNet residual unit has two convolutions reading the image: both keep 8-bit weights, float input
+    net = tiny_unet_bn(num_res_units=2)
+    _, report = _quantize(net, volume(16), weight_bits=2, act_bits=2, iterations=3, preset=preset)
+    bits = {r.name: (r.weight_bits, r.act_bits) for r in report.layers}
+    assert bits["model.0.residual"] == bits["model.0.conv.unit0.conv"] == (8, None)
+    assert bits["model.0.conv.unit1.conv"] == (2, 2)
+    edges = {n for n, b in bits.items() if b == (8, None)}
+    assert edges == {"model.0.residual", "model.0.conv.unit0.conv", "model.2.0.conv", "model.2.1.conv.unit0.conv"}
+
+
 def test_signed_activations_where_inputs_are_negative_and_original_clips():
     net = tiny_segresnet()
     _, default = _quantize(net, volume(16), weight_bits=4, act_bits=4, iterations=3)
@@ -267,3 +279,29 @@ def test_act_fit_follows_the_preset_and_is_checked():
         EfficientQConfig(act_fit="mse")
     with pytest.raises(ValueError, match="act_range_factors"):
         EfficientQConfig(act_range_factors=())
+
+
+def test_original_preset_is_the_published_schedule_and_integer_weights(monkeypatch):
+    original = EfficientQConfig(preset="original")
+    assert (original.rho_schedule, original.class_weights) == ("after", "integer")
+    assert (original.calib_augment, original.holdout) == (0, False)  # one volume, as published
+    assert (EfficientQConfig().calib_augment, EfficientQConfig().holdout) == (2, True)
+    assert EfficientQConfig(preset="original", class_weights="real").class_weights == "real"
+    for field, bad in (("rho_schedule", "sometimes"), ("class_weights", "float"), ("calib_augment", -1),
+                       ("holdout", "yes")):
+        with pytest.raises(ValueError, match=field):
+            EfficientQConfig(**{field: bad})
+    import monai_efficientq.network as network
+
+    seen = []
+
+    class Recording(network.AttentionMaps):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("integer"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(network, "AttentionMaps", Recording)
+    _, report = _quantize(tiny_segresnet(), volume(16), preset="original", iterations=2)
+    _quantize(tiny_segresnet(), volume(16), iterations=2)
+    assert seen == [True, False]
+    assert report.config["class_weights"] == "integer" and report.config["rho_schedule"] == "after"

@@ -157,3 +157,58 @@ def test_round_to_nearest_needs_no_statistics():
     _, ref = _solve(layer, x, y, h, bits=3, method="rtn")
     assert torch.equal(sol.codes, ref.codes) and torch.equal(sol.weight, ref.weight)
     assert sol.error != sol.error and sol.solver == "rtn"  # nan: measured by the caller
+
+
+@pytest.mark.parametrize("schedule", ["after", "before"])
+def test_rho_schedule(schedule):
+    layer, x, y, h = _problem()
+    _, sol = _solve(layer, x, y, h, iterations=8, rho_step_every=3, rho_schedule=schedule, record_history=True)
+    rho0 = 10.0 * sol.s
+    rhos = [float(step["rho"]) / rho0 for step in sol.history]
+    if schedule == "after":  # the published code: iteration 0 at rho0, then doubling after i = 0, 3, 6
+        assert rhos == pytest.approx([1, 2, 2, 2, 4, 4, 4, 8])
+    else:  # doubling before i = 0, 3, 6
+        assert rhos == pytest.approx([2, 2, 2, 4, 4, 4, 8, 8])
+
+
+@pytest.mark.parametrize("size, mode", [(6, "cholesky"), (3, "woodbury")])
+def test_held_out_columns_choose_the_iterate_and_are_not_fitted(size, mode):
+    layer, x, y, h = _problem(size=size, c_in=3 if mode == "cholesky" else 8)
+    x2 = x.flip(2) * 1.3  # a second "volume": its columns are held out
+    y2 = layer(x2).detach()
+    w = weight_matrix(layer).detach()
+    b = layer.bias.detach().reshape(w.shape[0], w.shape[1])
+    y_fit, y_held = output_matrix(layer, y), output_matrix(layer, y2)
+    settings = SolverSettings(iterations=30, rho_step_every=10, record_history=True)
+    solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, settings, 2 * y_fit.shape[-1])
+    for (cols, patches), (cols2, patches2) in zip(
+        input_patches(layer, x, 1 << 14, torch.float64), input_patches(layer, x2, 1 << 14, torch.float64)
+    ):
+        solver.add(patches, y_fit[..., cols], h[cols])
+        solver.add(patches2, y_held[..., cols2], h[cols2], held_out=True)
+    assert solver.mode == mode
+    sol = solver.solve()
+
+    def held_error(weight, bias):
+        out = layer_forward(layer, x2, matrix_to_weight(layer, weight), bias.reshape(-1))
+        return float(((out - y2).pow(2) * h.view(1, 1, *y2.shape[2:])).sum() / (y2.pow(2) * h.view(1, 1, *y2.shape[2:])).sum())
+
+    k = w.shape[-1]
+    candidates = [held_error(sol.rtn_weight, layer.bias.detach())]
+    for step in sol.history:
+        candidates.append(held_error(dequantize_rows(step["codes"], step["scale"]), step["v"][..., k]))
+    chosen = sol.best_iteration + 1  # -1 (round to nearest) is candidate 0
+    assert candidates[chosen] == pytest.approx(min(candidates), rel=1e-6)
+    assert sol.held_out_error == pytest.approx(candidates[chosen], rel=1e-6)
+    assert sol.held_out_rtn_error == pytest.approx(candidates[0], rel=1e-6)
+    # the held-out columns are not fitted: the same fit columns alone give the same ADMM iterates
+    _, alone = _solve(layer, x, y, h, iterations=30, rho_step_every=10, record_history=True)
+    assert all(torch.equal(a["codes"], b["codes"]) for a, b in zip(alone.history, sol.history))
+
+
+def dequantize_rows(codes, scale):
+    from monai_efficientq.quantizer import dequantize
+
+    rows = codes.reshape(-1, codes.shape[-1])
+    per_row = scale.expand(rows.shape[0], 1) if scale.shape[0] == 1 else scale
+    return dequantize(rows, per_row, UniformGrid(2, "nozero"), torch.float64).reshape(codes.shape)
