@@ -809,7 +809,7 @@ def to_markdown(results: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- commands
 def compare(
     net: nn.Module,
-    calib_image: torch.Tensor,
+    calib_image: torch.Tensor | list[torch.Tensor],
     eval_cases: list[tuple[torch.Tensor, torch.Tensor | None]],
     calib_label: torch.Tensor | None = None,
     methods: Any = METHODS,
@@ -853,11 +853,14 @@ def compare(
         isolate = dev.type == "cpu"
     isolate = bool(isolate)
     net = net.eval().cpu()
-    dims = calib_image.dim() - 1
+    images = list(calib_image) if isinstance(calib_image, (list, tuple)) else [calib_image]
+    labels = list(calib_label) if isinstance(calib_label, (list, tuple)) else [calib_label] * len(images)
+    dims = images[0].dim() - 1
     roi = _spatial_tuple(roi_size, dims)
-    crop, crop_label, box = calibration_crop(calib_image, calib_label, _spatial_tuple(calib_roi, dims), divisor)
-    x = crop[None]
-    label = crop_label[None] if crop_label is not None else None
+    crops = [calibration_crop(im, lab, _spatial_tuple(calib_roi, dims), divisor) for im, lab in zip(images, labels)]
+    box = crops[0][2]
+    x = torch.stack([c[0] for c in crops])  # several calibration volumes: one batch (same crop size)
+    label = torch.stack([c[1] for c in crops]) if all(c[1] is not None for c in crops) else None
     opts = {
         "iterations": int(iterations), "lr_iterations": int(lr_iterations), "prediction": prediction,
         "device": str(dev), "threads": threads, "keep_checkpoints": bool(keep_checkpoints),
@@ -1002,7 +1005,8 @@ def run(
             (JSON object); or ``config_file`` (MONAI bundle config, a list merges) and ``network_id``.
         checkpoint: the float state dict (``torch.save(net.state_dict())``; a dict with ``state_dict`` works too).
         calib_image, calib_label: the calibration volume (NIfTI) and optionally its label (cropped with the image's
-            box). Default: the datalist's ``calibration``.
+            box); comma-separated paths calibrate on several volumes together. Default: the datalist's
+            ``calibration``.
         eval_datalist: JSON list of ``{"image", "label"}`` NIfTI paths, or a dict holding one under
             ``datalist_key`` (relative paths are resolved against the file's folder or ``data_root``).
         normalize: ``nonzero`` (z-score over each channel's non-zero voxels, default), ``all``, ``minmax``, ``none``
@@ -1042,13 +1046,16 @@ def run(
     if names is None and isinstance(extra.get("labels"), dict):
         labels = extra["labels"]
         names = [labels.get(str(i), f"class{i}") for i in range(len(labels))]
-    image = load_volume(calib_image, normalize)
-    label = load_volume(calib_label, is_label=True) if calib_label else None
+    calib_paths = _as_list(calib_image)
+    image = [load_volume(path, normalize) for path in calib_paths]
+    label = [load_volume(path, is_label=True) for path in _as_list(calib_label)] if calib_label else None
+    if label is not None and len(label) != len(image):
+        raise ValueError(f"{len(image)} calibration images but {len(label)} labels: give one label per image.")
     cases = [(load_volume(it["image"], normalize), load_volume(it["label"], is_label=True) if it.get("label") else None)
              for it in items]
     if not cases:
         _log("no --eval_datalist: evaluating on the whole calibration volume")
-        cases = [(image, label)]
+        cases = [(image[0], label[0] if label else None)]
     meta = {
         "network": network or f"{config_file}#{network_id}", "network_kwargs": _as_dict(network_kwargs)
         if not config_file else None, "checkpoint": checkpoint, "calib_image": calib_image,

@@ -14,7 +14,7 @@ import json
 
 import fire
 
-SETTINGS = ("W4", "W3", "W2", "W4A4", "W2A2")
+SETTINGS = ("W4", "W3", "W2", "W4A4", "W3A3", "W2A2")
 METHOD_ORDER = ("float", "rtn", "eq_original", "eq_default", "brevitas_rtn", "brevitas_biascorr", "brevitas_gptq",
                 "brevitas_gpfq", "brevitas_learned_round")
 

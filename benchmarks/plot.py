@@ -7,7 +7,7 @@ Usage::
     python benchmarks/plot.py results.json --out fig.png --metric mean_dice_vs_float
 
 Left panel: weight-only settings (W4, W3, W2) against weight bits; right panel: weight + activation settings
-(W4A4, W2A2) against bits. One line per method; the float network's Dice as a dashed line.
+(W4A4, W3A3, W2A2) against bits. One line per method; the float network's Dice as a dashed line.
 """
 
 from __future__ import annotations

@@ -49,14 +49,14 @@ class _Trace:
         if name not in self.in_nodes:
             self.order.append(name)
             self.in_nodes[name] = []
-        inp, out = _first_tensor(args), _first_tensor(output)
+        inp, out = first_tensor(args), first_tensor(output)
         if inp is not None and inp.grad_fn is not None:
             self.in_nodes[name].append(inp.grad_fn)
         if out is not None and out.grad_fn is not None:
             self.out_nodes.setdefault(out.grad_fn, []).append(name)
 
 
-def _first_tensor(value: object) -> torch.Tensor | None:
+def first_tensor(value: object) -> torch.Tensor | None:
     """The first tensor in ``value``: itself, or the first one found in a (nested) list, tuple or dict."""
     if isinstance(value, torch.Tensor):
         return value
@@ -64,7 +64,7 @@ def _first_tensor(value: object) -> torch.Tensor | None:
         value = list(value.values())
     if isinstance(value, (list, tuple)):
         for item in value:
-            found = _first_tensor(item)
+            found = first_tensor(item)
             if found is not None:
                 return found
     return None
@@ -120,7 +120,7 @@ def _trace(net: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module], meta: 
         try:
             source = torch.empty(x.shape, dtype=x.dtype, device="meta") if meta else _plain(x).detach().clone()
             trace.leaf = source.requires_grad_(grad)
-            out = _first_tensor(clone(trace.leaf.clone()))  # a non-leaf input: in-place ops on it stay legal
+            out = first_tensor(clone(trace.leaf.clone()))  # a non-leaf input: in-place ops on it stay legal
         finally:
             for handle in handles:
                 handle.remove()

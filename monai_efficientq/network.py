@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention import AttentionMaps, body_at, label_to_scores
 from .config import EfficientQConfig
-from .dataflow import edge_layers
+from .dataflow import edge_layers, first_tensor
 from .folding import find_conv_bn_pairs, fold_batchnorm, set_submodule
 from .layers import (
     QUANTIZABLE_TYPES,
@@ -556,13 +556,10 @@ def _batched(data: Any, what: str, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if isinstance(out, dict):
-        return next(v for v in out.values() if isinstance(v, torch.Tensor))
-    raise TypeError(f"cannot use network output of type {type(out).__name__}")
+    tensor = first_tensor(out)
+    if tensor is None:
+        raise TypeError(f"cannot use network output of type {type(out).__name__}")
+    return tensor
 
 
 def _attention(

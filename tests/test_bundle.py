@@ -395,3 +395,25 @@ def test_act_fit_override_reaches_the_settings():
     assert EfficientQConfig(**parser.get_parsed_content("efficientq_settings")).act_fit == "output"  # the preset's
     parser["act_fit"] = "ls"
     assert parser.get_parsed_content("efficientq_settings", lazy=False)["act_fit"] == "ls"
+
+
+@needs_data
+def test_quantize_on_two_calibration_volumes(tmp_path, random_ckpt):
+    with open(os.path.join(BUNDLE, "data", "datalist.json")) as f:
+        datalist = json.load(f)
+    data = os.path.join(BUNDLE, "data")
+    datalist = {k: v for k, v in datalist.items() if k != "calibration"}
+    datalist["calibration"] = [{"image": os.path.join(data, "calib", "calib_t1.nii.gz")},
+                               {"image": os.path.join(data, "template", "t1.nii.gz")}]
+    for key in ("evaluation", "training"):
+        datalist[key] = [{k: os.path.join(data, v) for k, v in item.items()} for item in datalist[key]]
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(datalist))
+    out = tmp_path / "out"
+    bundle_run(
+        "quantize", config_file=QUANTIZE, logging_file=False, ckpt_path=random_ckpt, output_dir=str(out),
+        datalist_file=str(path), calib_volumes=2, **{**FAST, "act_bits": "none"},
+    )
+    with open(out / "model_quantized_report.json") as f:
+        report = json.load(f)
+    assert report["calibration_shape"] == [2, 1, 32, 32, 32]  # both volumes, cropped to one size, one batch

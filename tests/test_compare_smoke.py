@@ -174,12 +174,15 @@ def test_merge_keeps_the_first_row_and_pivot_marks_missing_runs(tmp_path):
     assert table[4].startswith("| eq_default | 0.8500 | not run | 2 | 100 | 2 | 3/4 |")
 
 
-def test_eq_options_reach_our_rows(compare, data, tmp_path):
+def test_eq_options_and_several_calibration_volumes_reach_our_rows(compare, data, tmp_path):
     assert compare._as_dict({"holdout": "false", "calib_augment": 1}) == {"holdout": False, "calib_augment": 1}
     assert compare._as_dict('{"holdout": true}') == {"holdout": True}
     out = tmp_path / "options.json"
-    _run(compare, data, out, "eq_default", eq_options={"calib_augment": 0, "holdout": "false", "eta_factor": 0.5})
+    two = f"{data / 'img0.nii.gz'},{data / 'img1.nii.gz'}"  # two calibration volumes, one batch
+    _run(compare, data, out, "eq_default", eq_options={"calib_augment": 0, "holdout": "false", "eta_factor": 0.5},
+         calib_image=two)
     results = json.loads(out.read_text())
+    assert results["meta"]["calib_shape"] == [2, 1, 32, 32, 32]
     assert results["meta"]["eq_options"] == {"calib_augment": 0, "holdout": False, "eta_factor": 0.5}
     (row,) = [r for r in results["rows"] if r["method"] == "eq_default"]
     assert row["status"] == "ok", row.get("traceback")
