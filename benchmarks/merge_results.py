@@ -3,7 +3,8 @@
     python benchmarks/merge_results.py a.json b.json c.json --out all.json [--pivot all_pivot.md]
 
 Rows keep the order of the files; the first file holding a (method, setting) row wins, so list a rerun
-before the older file it replaces. ``--pivot`` also writes a Markdown table: one row per method, the mean
+before the older file it replaces. ``file.json#label`` renames that file's methods to ``method (label)``, so
+variants of one method (e.g. run with other ``--eq_options``) get rows of their own. ``--pivot`` also writes a Markdown table: one row per method, the mean
 Dice of every setting, and the quantization seconds, peak memory, checkpoint size and layers optimised of
 one setting (``--detail``, default W2).
 """
@@ -31,12 +32,15 @@ def merge(*paths: str, out: str, pivot: str | None = None, detail: str = "W2") -
     merged: dict = {"meta": None, "rows": []}
     seen = set()
     commands = []
-    for path in paths:
+    for spec in paths:
+        path, _, label = str(spec).partition("#")
         with open(path) as f:
             data = json.load(f)
         merged["meta"] = merged["meta"] or dict(data["meta"])
-        commands.append({"file": path, "command": data["meta"].get("command")})
+        commands.append({"file": path, "command": data["meta"].get("command"), "label": label or None})
         for row in data["rows"]:
+            if label and row.get("method") != "float":
+                row = {**row, "method": f"{row['method']} ({label})"}
             key = (row.get("method"), row.get("setting"))
             if key not in seen:
                 seen.add(key)
@@ -59,8 +63,11 @@ def _fmt(value, digits: int = 4) -> str:
 def pivot_table(results: dict, detail: str = "W2") -> str:
     """Markdown: method × setting mean Dice, then the ``detail`` setting's cost columns ("not run" where absent)."""
     rows = {(r["method"], r["setting"]): r for r in results["rows"]}
-    methods = sorted(dict.fromkeys(r["method"] for r in results["rows"]),
-                     key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+    def order(method: str) -> int:
+        base = method.split(" (")[0]
+        return METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+
+    methods = sorted(dict.fromkeys(r["method"] for r in results["rows"]), key=order)
     settings = [s for s in SETTINGS if any(k[1] == s for k in rows)]
     head = ["method"] + [f"{s} mean Dice" for s in settings] + [
         f"{detail} quant. s", f"{detail} peak MB", f"{detail} checkpoint KiB", f"{detail} layers optimised"]

@@ -190,3 +190,20 @@ def test_eq_options_and_several_calibration_volumes_reach_our_rows(compare, data
     with pytest.raises(TypeError):
         compare.quantize_ours("eq_default", None, None, None, 2, None, {"iterations": 1, "prediction": "softmax",
                               "device": "cpu", "eq_options": {"no_such_field": 1}}, str(tmp_path))
+
+
+def test_merge_labels_variant_rows(tmp_path):
+    merge = _load("merge_results")
+    rows = [{"method": "float", "setting": "float", "status": "ok", "mean_dice": 0.9, "checkpoint_bytes": 8192},
+            {"method": "eq_default", "setting": "W2", "status": "ok", "mean_dice": 0.8}]
+    variant = [{"method": "eq_default", "setting": "W2", "status": "ok", "mean_dice": 0.85}]
+    for name, data in (("a", rows), ("b", variant)):
+        with open(tmp_path / f"{name}.json", "w") as f:
+            json.dump({"meta": {"command": name}, "rows": data}, f)
+    merge.merge(str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}#no attention", out=str(tmp_path / "all.json"),
+                pivot=str(tmp_path / "all.md"))
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert [(r["method"], r["mean_dice"]) for r in merged["rows"]] == [
+        ("float", 0.9), ("eq_default", 0.8), ("eq_default (no attention)", 0.85)]
+    table = (tmp_path / "all.md").read_text()
+    assert "| eq_default (no attention) | 0.8500 |" in table
