@@ -295,7 +295,10 @@ def _split_columns(
     if cols.start >= held_from:
         return [(cols, patches, True)]
     cut = held_from - cols.start
-    return [(slice(cols.start, held_from), patches[..., :cut], False), (slice(held_from, cols.stop), patches[..., cut:], True)]
+    return [
+        (slice(cols.start, held_from), patches[..., :cut], False),
+        (slice(held_from, cols.stop), patches[..., cut:], True),
+    ]
 
 
 def _inside_body(x: torch.Tensor, body: torch.Tensor | None) -> torch.Tensor:
@@ -491,7 +494,7 @@ def quantize_network(
     body = (x != 0).any(dim=1) if x.dim() >= 3 else None
     attention = _attention(cfg, float_out, x, body, label, attention_map)
     edges: set[str] | None = None
-    if cfg.first_last_bits is not None:  # first and last by data flow: every layer that reads the input or writes the output
+    if cfg.first_last_bits is not None:  # by data flow: every layer that reads the input or writes the output
         first, last = edge_layers(qnet, x, {n: layers[n] for n in recorder.order})
         edges = set(first) | set(last)
         log.info("First layers (input): %s; last layers (output): %s.", ", ".join(first), ", ".join(last))
