@@ -129,11 +129,16 @@ def install_quantized(net: nn.Module, qnet: nn.Module) -> None:
     net.train(training)
 
 
-def _check_spatial(net: nn.Module, image: Any, label: Any, attention: Any) -> None:
+def _spatial_dims(net: nn.Module) -> int:
+    """Spatial dimensions of the network's first convolution (0 without one)."""
     first = next((m for m in net.modules() if isinstance(getattr(m, "kernel_size", None), tuple)), None)
-    if first is None:
+    return len(first.kernel_size) if first is not None else 0
+
+
+def _check_spatial(net: nn.Module, image: Any, label: Any, attention: Any) -> None:
+    nd = _spatial_dims(net)
+    if not nd:
         return
-    nd = len(first.kernel_size)
     for name, value in (("label", label), ("attention map", attention)):
         if value is not None and tuple(value.shape[-nd:]) != tuple(image.shape[-nd:]):
             raise ValueError(
@@ -147,8 +152,7 @@ def _batch(net: nn.Module, parts: list[tuple[Any, Any, Any]]) -> tuple[Any, Any,
     """One calibration batch from several ``(image, label, attention)`` items (each a volume or a batch)."""
     if len(parts) == 1:
         return parts[0]
-    first = next((m for m in net.modules() if isinstance(getattr(m, "kernel_size", None), tuple)), None)
-    nd = len(first.kernel_size) if first is not None else 0
+    nd = _spatial_dims(net)
     shapes = {tuple(p[0].shape[-nd:]) for p in parts} if nd else set()
     if len(shapes) > 1:
         raise ValueError(
