@@ -197,6 +197,7 @@ def quantize(
     method: str = "efficientq",
     preset: str = "default",
     iterations: int = 200,
+    patience: int | None = 60,
     attention: str = "prediction",
     prediction: str = "softmax",
     calib_augment: int | None = None,
@@ -232,7 +233,9 @@ def quantize(
         first_last_bits: weight bits of the first and last layer (their input stays float); None = like the others.
         method: efficientq (ADMM reconstruction) or rtn (round to nearest, the baseline).
         preset: default (ours) or original (the published code's choices).
-        iterations: ADMM iterations per layer.
+        iterations: ADMM iterations per layer (at most).
+        patience: stop a layer's ADMM once its best iterate has not improved for this many iterations (``None``:
+            run all ``iterations``).
         attention: prediction (class-balanced, from the float prediction), label (needs --calib_label) or none.
         prediction: softmax (multi-class) or sigmoid (multi-label) network output.
         calib_augment: augmented copies of the calibration volume calibrated on with it (default: the preset's, 2
@@ -247,8 +250,8 @@ def quantize(
 
     cfg = EfficientQConfig(
         weight_bits=weight_bits, act_bits=act_bits, first_last_bits=first_last_bits, method=method,
-        preset=preset, iterations=iterations, attention=attention, prediction=prediction, device=device,
-        progress=not quiet, calib_augment=calib_augment, holdout=holdout,
+        preset=preset, iterations=iterations, patience=patience, attention=attention, prediction=prediction,
+        device=device, progress=not quiet, calib_augment=calib_augment, holdout=holdout,
     )
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)

@@ -191,6 +191,31 @@ def conv_transpose_as_conv(module: nn.Module, x: torch.Tensor, weight: torch.Ten
     return conv(xp, conv_w, module.bias, stride=stride, dilation=dil, groups=g)
 
 
+def sampled_output_step(module: nn.Module, output_shape: tuple[int, ...], min_voxels: int) -> int:
+    """The largest step ``m`` such that every ``m``-th output voxel along each spatial axis still leaves
+    ``min_voxels`` voxels (over the batch), for a layer whose output :func:`subsampled_forward` can compute
+    directly; 1 for the others (Linear, transposed convolutions, non-zero padding modes, string padding)."""
+    if not isinstance(module, _CONVS) or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return 1
+    voxels = math.prod(output_shape[2:]) * output_shape[0]
+    step = 1
+    while voxels // (step + 1) ** (len(output_shape) - 2) >= min_voxels:
+        step += 1
+    return step
+
+
+def subsampled_forward(
+    module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, step: int
+) -> torch.Tensor:
+    """``layer_forward(module, x, weight, bias)[..., ::step, ::step, ::step]`` computed directly (a convolution
+    with ``step`` times the stride), for the layers :func:`sampled_output_step` accepts."""
+    if step == 1:
+        return layer_forward(module, x, weight, bias)
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
+    stride = tuple(s * step for s in module.stride)
+    return fn(x, weight, bias, stride, module.padding, module.dilation, module.groups)
+
+
 def layer_forward(
     module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:

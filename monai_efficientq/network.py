@@ -32,12 +32,15 @@ from .layers import (
     matrix_to_weight,
     num_output_voxels,
     output_matrix,
+    sampled_output_step,
+    subsampled_forward,
     weight_matrix,
 )
 from .modules import QuantizedMixin, build_quantized
 from .quantizer import ActQuantizer, UniformGrid
 from .report import LayerRecord, QuantizationReport
-from .solver import LayerSolver, SolverSettings
+from .solver import LayerSolution, LayerSolver, SolverSettings
+from .timing import PhaseTimer
 
 __all__ = ["quantize_network", "prepare_calibration", "quantizable_layers", "LayerCalledTwiceError"]
 
@@ -177,7 +180,9 @@ class _QuantizingRun:
         edges: set[str] | None = None,
         given_volumes: int = 1,
         holdout: bool = False,
+        timer: PhaseTimer | None = None,
     ) -> None:
+        self.timer = timer if timer is not None else PhaseTimer(device)
         self.cfg = cfg
         self.given_volumes = given_volumes
         self.holdout = holdout  # the last volume is held out of the fit
@@ -197,7 +202,7 @@ class _QuantizingRun:
             rho_factor=cfg.rho_factor,
             eta_factor=cfg.eta_factor, rho_cap_factor=cfg.rho_cap_factor,
             best_iterate_error=cfg.best_iterate_error, rtn_candidate=bool(cfg.rtn_candidate),
-            solver=cfg.solver, method=cfg.method,
+            solver=cfg.solver, method=cfg.method, patience=cfg.patience,
         )
 
     def _bits(self, name: str) -> tuple[int, int | None]:
@@ -208,45 +213,73 @@ class _QuantizingRun:
 
     @torch.no_grad()
     def quantize_layer(self, name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Quantize ``layer`` for its input ``x`` (which arrives through the quantized layers before it) and
+        return its quantized output."""
         if name in self.quantized:
             raise LayerCalledTwiceError(f"layer '{name}' was called twice in the quantizing pass (shared weights).")
-        t0 = time.perf_counter()
-        cfg = self.cfg
+        t0, before = time.perf_counter(), self.timer.snapshot()
         weight_bits, act_bits = self._bits(name)
-        act_quant = None
-        xq = x
         y = self.targets.pop(name)
         h_map = None
         if self.attention is not None and not isinstance(layer, nn.Linear):
-            h_map = self.attention.for_shape(y.shape[0], y.shape[2:])
+            with self.timer("attention"):
+                h_map = self.attention.for_shape(y.shape[0], y.shape[2:])
+        act_quant = None
         if act_bits is not None:
-            # ranges from the given volumes only, or from their augmented copies too
-            n = self.given_volumes if cfg.act_fit_volumes == "given" else x.shape[0]
-            x_fit, body = x[:n], self.body[:n] if self.body is not None else None
-            signed = cfg.act_mode == "auto" and bool((x_fit < 0).any())
-            fit_values = x_fit
-            if cfg.act_fit == "output":  # fit on the voxels inside the body only
-                fit_values = _inside_body(x_fit, body)
-            act_quant = ActQuantizer(act_bits, signed=signed).fit(fit_values, cfg.act_fit_samples, cfg.seed)
-            act_quant = act_quant.to(x.device)
-            if cfg.act_fit == "output":
-                h_fit = h_map[:n] if h_map is not None else None
-                _choose_act_range(act_quant, layer, x_fit, y[:n].to(x.device), h_fit, cfg.act_range_factors)
-            xq = act_quant(x)
+            with self.timer("act_fit"):
+                act_quant = self._fit_input_quantizer(layer, x, y, h_map, act_bits)
+        xq = act_quant(x) if act_quant is not None else x
+        sol = self._solve_weights(layer, xq, y, h_map, weight_bits)
+        del y
+        with self.timer("forward"):
+            q_bias = sol.bias.reshape(-1).to(layer.weight.dtype) if sol.bias is not None else None
+            qlayer = build_quantized(
+                layer, sol.codes, sol.scale.to(torch.float32), q_bias, weight_bits, self.cfg.weight_grid,
+                self.cfg.weight_scale == "channel", act_quant,
+            )
+            self.quantized[name] = qlayer
+            out = qlayer(x)
+        self._record(name, layer, sol, weight_bits, act_quant, act_bits, time.perf_counter() - t0, before)
+        return out
+
+    def _fit_input_quantizer(
+        self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None, act_bits: int
+    ) -> ActQuantizer:
+        """The layer's input quantizer, its range fitted on the given volumes only or on their copies too."""
+        cfg = self.cfg
+        n = self.given_volumes if cfg.act_fit_volumes == "given" else x.shape[0]
+        x_fit, body = x[:n], self.body[:n] if self.body is not None else None
+        signed = cfg.act_mode == "auto" and bool((x_fit < 0).any())
+        fit_values = _inside_body(x_fit, body) if cfg.act_fit == "output" else x_fit  # "output": body voxels only
+        act_quant = ActQuantizer(act_bits, signed=signed).fit(fit_values, cfg.act_fit_samples, cfg.seed).to(x.device)
+        if cfg.act_fit == "output":
+            h_fit = h_map[:n] if h_map is not None else None
+            _choose_act_range(
+                act_quant, layer, x_fit, y[:n].to(x.device), h_fit, cfg.act_range_factors, cfg.act_fit_samples
+            )
+        return act_quant
+
+    def _solve_weights(
+        self, layer: nn.Module, xq: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None, weight_bits: int
+    ) -> LayerSolution:
+        """Round-to-nearest, or EfficientQ on the Gram statistics streamed from ``xq`` and ``y``."""
+        cfg, timer = self.cfg, self.timer
         w_mat = weight_matrix(layer).detach()
         bias = layer.bias.detach().reshape(w_mat.shape[:2]) if layer.bias is not None else None
-        grid = UniformGrid(weight_bits, cfg.weight_grid)
         solver = LayerSolver(
             w_mat.to(self.device), bias.to(self.device) if bias is not None else None,
-            grid, cfg.weight_scale == "channel", self.settings, num_output_voxels(layer, y), self.dtype,
+            UniformGrid(weight_bits, cfg.weight_grid), cfg.weight_scale == "channel", self.settings,
+            num_output_voxels(layer, y), self.dtype, timer,
         )
         if cfg.method == "rtn":  # no statistics needed: errors by a direct forward
-            sol = solver.round_to_nearest()
-            y = y.to(self.device)
-            sol.error, sol.error_weighted = _relative_errors(layer, xq, sol.weight, sol.bias, y, h_map)
-            sol.rtn_error, sol.rtn_error_weighted = sol.error, sol.error_weighted
-        else:
-            # im2col chunks in the activations' dtype; the solver sums their products in solver_dtype
+            with timer("scale_fit"):
+                sol = solver.round_to_nearest()
+            with timer("errors"):
+                y = y.to(self.device)
+                sol.error, sol.error_weighted = _relative_errors(layer, xq, sol.weight, sol.bias, y, h_map)
+                sol.rtn_error, sol.rtn_error_weighted = sol.error, sol.error_weighted
+            return sol
+        with timer("gram"):  # im2col chunks in the activations' dtype; the solver sums their products in solver_dtype
             y_mat = output_matrix(layer, y)
             h = h_map.reshape(-1).to(self.device) if h_map is not None else None
             held_from = y_mat.shape[-1] - y_mat.shape[-1] // y.shape[0] if self.holdout else None
@@ -254,35 +287,35 @@ class _QuantizingRun:
                 for part, piece, held in _split_columns(cols, patches, held_from):
                     solver.add(piece, y_mat[..., part].to(self.device), h[part] if h is not None else None, held)
             del y_mat
-            sol = solver.solve(attention_mean=float(h.mean()) if h is not None else 1.0)
-            if math.isnan(sol.error):  # unweighted errors, measured directly by the layer's forward
+        sol = solver.solve(attention_mean=float(h.mean()) if h is not None else 1.0)
+        if math.isnan(sol.error):  # unweighted errors, measured directly by the layer's forward
+            with timer("errors"):
                 fit = slice(0, y.shape[0] - 1 if self.holdout else y.shape[0])  # on the fitted volumes
-                y = y[fit].to(self.device)
-                sol.error = _relative_errors(layer, xq[fit], sol.weight, sol.bias, y)[0]
-                sol.rtn_error = _relative_errors(layer, xq[fit], sol.rtn_weight, layer.bias, y)[0]
-        del y
-        q_bias = sol.bias.reshape(-1).to(layer.weight.dtype) if sol.bias is not None else None
-        qlayer = build_quantized(
-            layer, sol.codes, sol.scale.to(torch.float32), q_bias, weight_bits, cfg.weight_grid,
-            cfg.weight_scale == "channel", act_quant,
-        )
-        self.quantized[name] = qlayer
+                y_fit = y[fit].to(self.device)
+                sol.error = _relative_errors(layer, xq[fit], sol.weight, sol.bias, y_fit)[0]
+                sol.rtn_error = _relative_errors(layer, xq[fit], sol.rtn_weight, layer.bias, y_fit)[0]
+        return sol
+
+    def _record(
+        self, name: str, layer: nn.Module, sol: LayerSolution, weight_bits: int, act_quant: ActQuantizer | None,
+        act_bits: int | None, seconds: float, before: dict[str, float],
+    ) -> None:
         record = LayerRecord(
             name=name, type=type(layer).__name__, shape=list(layer.weight.shape), weight_bits=weight_bits,
             act_bits=act_bits, act_signed=act_quant.signed if act_quant is not None else None,
             rtn_error=sol.rtn_error, error=sol.error, rtn_error_weighted=sol.rtn_error_weighted,
             error_weighted=sol.error_weighted, best_iteration=sol.best_iteration, solver=sol.solver,
             held_out_rtn_error=sol.held_out_rtn_error, held_out_error=sol.held_out_error,
-            seconds=time.perf_counter() - t0,
+            seconds=seconds, iterations_run=sol.iterations_run,
+            phase_seconds={k: round(v, 4) for k, v in self.timer.since(before).items()},
         )
         self.records.append(record)
         self.log.info(
             "%s %s W%d A%s: output error RTN %.4g -> %s %.4g (%.2f s)", name, record.type, weight_bits,
-            act_bits if act_bits is not None else "-", record.rtn_error, cfg.method, record.error, record.seconds,
+            act_bits if act_bits is not None else "-", record.rtn_error, self.cfg.method, record.error, seconds,
         )
         if self.progress is not None:
             self.progress.update(1)
-        return qlayer(x)
 
 
 def _split_columns(
@@ -320,19 +353,27 @@ def _choose_act_range(
     y: torch.Tensor,
     h_map: torch.Tensor | None,
     factors: tuple[float, ...],
+    min_voxels: int = 0,
 ) -> float:
     """Scale the fitted range of ``act_quant`` (step and offset together, about zero) by the factor in
     ``factors`` whose quantized input gives the float ``layer`` the lowest attention-weighted error against
-    its target ``y``; sets it in place and returns the chosen factor."""
+    its target ``y``; sets it in place and returns the chosen factor.
+
+    The errors are measured on every ``m``-th output voxel along each axis, the largest ``m`` that keeps
+    ``min_voxels`` of them (all voxels for layers whose output cannot be sub-sampled directly).
+    """
     step0, offset0 = act_quant.step.clone(), act_quant.offset.clone()
     weight = layer.weight.detach()
     bias = layer.bias.detach() if layer.bias is not None else None
-    h = h_map.to(y.device, y.dtype).unsqueeze(1) if h_map is not None else None
+    m = sampled_output_step(layer, tuple(y.shape), min_voxels) if min_voxels else 1
+    every_m = (slice(None),) * 2 + (slice(None, None, m),) * (y.dim() - 2)
+    y = y[every_m]
+    h = h_map[every_m[1:]].to(y.device, y.dtype).unsqueeze(1) if h_map is not None else None
     best_err, best_factor = math.inf, 1.0
     for factor in factors:
         act_quant.step.copy_(step0 * factor)
         act_quant.offset.copy_(offset0 * factor)
-        e2 = (layer_forward(layer, act_quant(x), weight, bias) - y).pow(2)
+        e2 = (subsampled_forward(layer, act_quant(x), weight, bias, m) - y).pow_(2)
         err = float((e2 * h).sum(dtype=torch.float64) if h is not None else e2.sum(dtype=torch.float64))
         if err < best_err:
             best_err, best_factor = err, factor
@@ -448,6 +489,80 @@ def quantize_network(
     target_device = torch.device(cfg.target_device) if cfg.target_device else device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    timer = PhaseTimer(device)
+    with timer("setup"):
+        x, label, attention_map, given_volumes, given_shape, holdout = _calibration_batch(
+            net, calib_volume, label, attention_map, cfg, device, log
+        )
+        qnet = copy.deepcopy(net).eval().to(device)
+        float_bytes = _state_bytes(qnet)
+        pairs, float_out = _fold(qnet, net, x, log)
+    with timer("targets"):
+        qnet, pairs, layers, recorder = _record_targets(qnet, net, pairs, float_out, x, cfg, target_device, log)
+    with timer("attention"):
+        body = (x != 0).any(dim=1) if x.dim() >= 3 else None
+        attention = _attention(cfg, float_out, x, body, label, attention_map)
+    edges: set[str] | None = None
+    if cfg.first_last_bits is not None:  # by data flow: every layer that reads the input or writes the output
+        with timer("edges"):
+            first, last = edge_layers(qnet, x, {n: layers[n] for n in recorder.order})
+        edges = set(first) | set(last)
+        log.info("First layers (input): %s; last layers (output): %s.", ", ".join(first), ", ".join(last))
+    progress = _progress_bar(len(recorder.order), cfg.progress)
+    run = _QuantizingRun(
+        cfg, recorder.targets, recorder.order, attention, device, log, progress, body, edges, given_volumes, holdout,
+        timer,
+    )
+    log.info(
+        "EfficientQ: %d layers, %s W%d A%s, preset %s, on %s", len(recorder.order), cfg.method, cfg.weight_bits,
+        cfg.act_bits if cfg.act_bits is not None else "-", cfg.preset, device,
+    )
+    for name in recorder.order:
+        set_submodule(qnet, name, _PendingLayer(name, layers[name], run))
+    try:
+        q_out = qnet(x)
+    finally:
+        if progress is not None:
+            progress.close()
+        for name in recorder.order:
+            set_submodule(qnet, name, run.quantized.get(name, layers[name]))
+    qnet.efficientq_info = {"folded_batchnorm": [list(p) for p in pairs], "config": cfg.to_dict()}
+
+    from .checkpoint import packed_size
+
+    with timer("finish"):
+        peak, kind = _peak_memory(device)
+        report = QuantizationReport(
+            config=cfg.to_dict(), layers=run.records,
+            float_layers=_float_layer_list(qnet, layers, recorder.order, cfg),
+            folded_batchnorm=[list(p) for p in pairs], peak_memory_mb=peak, peak_memory_kind=kind,
+            float_bytes=float_bytes, packed_bytes=packed_size(qnet), calibration_shape=given_shape,
+            device=str(device), calib_agreement_dice=_agreement_dice(float_out, q_out, cfg.prediction == "sigmoid"),
+        )
+    report.total_seconds = time.perf_counter() - t_start
+    report.phase_seconds = _with_other(timer.snapshot(), report.total_seconds)
+    log.info(
+        "EfficientQ done in %.1f s: %d layers quantized, %d left float, %.1fx smaller. Time: %s.",
+        report.total_seconds, len(report.layers), len(report.float_layers), report.compression,
+        ", ".join(f"{k} {v:.1f} s" for k, v in report.phase_seconds.items() if v >= 0.05),
+    )
+    return qnet, report
+
+
+def _with_other(phases: dict[str, float], total: float) -> dict[str, float]:
+    """The phases' seconds (rounded) plus ``other``: the rest of ``total`` (the float layers of the quantizing
+    forward, logging)."""
+    out = {k: round(v, 3) for k, v in phases.items()}
+    out["other"] = round(max(total - sum(phases.values()), 0.0), 3)
+    return out
+
+
+def _calibration_batch(
+    net: nn.Module, calib_volume: Any, label: Any, attention_map: Any, cfg: EfficientQConfig, device: torch.device,
+    log: logging.Logger,
+) -> tuple[torch.Tensor, Any, Any, int, list[int], bool]:
+    """The checked calibration batch with its augmented copies: ``(x, label, attention_map, given volumes,
+    given shape, holdout)``."""
     x = prepare_calibration(net, calib_volume).to(device)
     augment, holdout = cfg.calib_augment, cfg.holdout
     if augment and x.dim() < 3:  # e.g. a Linear-only net on feature vectors: nothing spatial to augment
@@ -467,71 +582,30 @@ def quantize_network(
 
         x, label, attention_map = augmented_copies(x, augment, cfg.seed, label, attention_map)
         log.info("Calibrating on %d volumes: %d augmented copies of each calibration volume.", x.shape[0], augment)
+    return x, label, attention_map, given_volumes, given_shape, holdout
 
-    qnet = copy.deepcopy(net).eval().to(device)
-    float_bytes = _state_bytes(qnet)
-    pairs, float_out = _fold(qnet, net, x, log)
 
-    layers = quantizable_layers(qnet, cfg.skip_layers)
-    recorder = _TargetRecorder(layers, target_device)
-    try:
-        folded_out = _first_tensor(qnet(x))
-    finally:
-        recorder.remove()
-    if pairs and not torch.allclose(folded_out, float_out, rtol=1e-3, atol=1e-4 * float(float_out.abs().max())):
-        log.warning("Folding BatchNorm changed the float output; quantizing without folding instead.")
-        qnet = copy.deepcopy(net).eval().to(device)
-        pairs = []
+def _record_targets(
+    qnet: nn.Module, net: nn.Module, pairs: list, float_out: torch.Tensor, x: torch.Tensor, cfg: EfficientQConfig,
+    target_device: torch.device, log: logging.Logger,
+) -> tuple[nn.Module, list, dict[str, nn.Module], _TargetRecorder]:
+    """Record every layer's float output on ``x``; if folding BatchNorm changed the float output, start again from
+    an unfolded copy. Returns ``(qnet, pairs, layers, recorder)``."""
+    for attempt in range(2):
         layers = quantizable_layers(qnet, cfg.skip_layers)
         recorder = _TargetRecorder(layers, target_device)
         try:
-            qnet(x)
+            out = _first_tensor(qnet(x))
         finally:
             recorder.remove()
+        tolerance = 1e-4 * float(float_out.abs().max())
+        if attempt or not pairs or torch.allclose(out, float_out, rtol=1e-3, atol=tolerance):
+            break
+        log.warning("Folding BatchNorm changed the float output; quantizing without folding instead.")
+        qnet, pairs = copy.deepcopy(net).eval().to(x.device), []
     if not recorder.order:
         raise ValueError(f"no quantizable layer of {type(net).__name__} was called in its forward pass.")
-
-    body = (x != 0).any(dim=1) if x.dim() >= 3 else None
-    attention = _attention(cfg, float_out, x, body, label, attention_map)
-    edges: set[str] | None = None
-    if cfg.first_last_bits is not None:  # by data flow: every layer that reads the input or writes the output
-        first, last = edge_layers(qnet, x, {n: layers[n] for n in recorder.order})
-        edges = set(first) | set(last)
-        log.info("First layers (input): %s; last layers (output): %s.", ", ".join(first), ", ".join(last))
-    progress = _progress_bar(len(recorder.order), cfg.progress)
-    run = _QuantizingRun(
-        cfg, recorder.targets, recorder.order, attention, device, log, progress, body, edges, given_volumes, holdout
-    )
-    log.info(
-        "EfficientQ: %d layers, %s W%d A%s, preset %s, on %s", len(recorder.order), cfg.method, cfg.weight_bits,
-        cfg.act_bits if cfg.act_bits is not None else "-", cfg.preset, device,
-    )
-    for name in recorder.order:
-        set_submodule(qnet, name, _PendingLayer(name, layers[name], run))
-    try:
-        q_out = qnet(x)
-    finally:
-        if progress is not None:
-            progress.close()
-        for name in recorder.order:
-            set_submodule(qnet, name, run.quantized.get(name, layers[name]))
-    qnet.efficientq_info = {"folded_batchnorm": [list(p) for p in pairs], "config": cfg.to_dict()}
-
-    from .checkpoint import packed_size
-
-    peak, kind = _peak_memory(device)
-    report = QuantizationReport(
-        config=cfg.to_dict(), layers=run.records, float_layers=_float_layer_list(qnet, layers, recorder.order, cfg),
-        folded_batchnorm=[list(p) for p in pairs], total_seconds=time.perf_counter() - t_start,
-        peak_memory_mb=peak, peak_memory_kind=kind, float_bytes=float_bytes, packed_bytes=packed_size(qnet),
-        calibration_shape=given_shape, device=str(device),
-        calib_agreement_dice=_agreement_dice(float_out, q_out, cfg.prediction == "sigmoid"),
-    )
-    log.info(
-        "EfficientQ done in %.1f s: %d layers quantized, %d left float, %.1fx smaller.",
-        report.total_seconds, len(report.layers), len(report.float_layers), report.compression,
-    )
-    return qnet, report
+    return qnet, pairs, layers, recorder
 
 
 def _fold(qnet: nn.Module, net: nn.Module, x: torch.Tensor, log: logging.Logger) -> tuple[list, torch.Tensor]:

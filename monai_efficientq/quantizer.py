@@ -71,21 +71,20 @@ def _rows(values: torch.Tensor, per_row: bool) -> torch.Tensor:
     return values.reshape(values.shape[0], -1) if per_row else values.reshape(1, -1)
 
 
-def _sq_error(v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
-    levels = grid.float_codes(v / scale).mul_(grid.step).add_(grid.first)
-    return (v - scale * levels).pow_(2).sum(dim=-1, keepdim=True)
-
-
 def _best_of_sweep(
     v: torch.Tensor, unit: torch.Tensor, grid: UniformGrid, points: int, keep: int
 ) -> torch.Tensor:
     """The ``keep`` best scales per row among ``points`` evenly spaced in ``(0, 1.5·unit]``: ``(keep, rows, 1)``."""
     fracs = torch.linspace(0.05, 1.5, points, dtype=torch.float64, device=v.device)
+    vv = (v * v).sum(dim=-1, keepdim=True)
     errs = []
     per_chunk = max(1, 2**22 // max(v.numel(), 1))
     for i in range(0, points, per_chunk):
         cand = fracs[i : i + per_chunk].view(-1, 1, 1) * unit
-        errs.append(_sq_error(v, cand, grid))
+        levels = _levels_for(v, cand, grid)
+        vl = (levels * v).sum(dim=-1, keepdim=True)
+        ll = levels.pow_(2).sum(dim=-1, keepdim=True)
+        errs.append(vv - 2 * cand * vl + cand * cand * ll)
     err = torch.cat(errs)  # (points, rows, 1)
     idx = err.topk(min(keep, points), dim=0, largest=False).indices
     return fracs[idx] * unit
@@ -105,9 +104,11 @@ def fit_scale(
     The alternation ``B = round_to_grid(v / a)``, ``a = <B, v> / <B, B>`` never increases the squared
     error but stops in a local optimum, so without ``init`` it runs from several starts at once:
     ``mean|v|`` and the 4 best of a sweep of ``coarse_points`` scales up to 1.5·``max|v|`` over the largest
-    level. With ``init`` (a warm start, e.g. the previous ADMM iterate's scale) it starts from there. Each start iterates until the relative change of the
-    scales is below ``rtol`` or ``max_iter`` is reached. It never raises on non-convergence: the best
-    scale seen is returned with its own codes.
+    level; each start iterates until the relative change of the scales is below ``rtol`` or ``max_iter`` is
+    reached, and the best scale seen is returned with its own codes. With ``init`` (a warm start, e.g. the
+    previous ADMM iterate's scale) it runs the alternation from there alone until the codes stop changing
+    (at most ``max_iter`` steps), which is what the ADMM projection needs each iteration. It never raises on
+    non-convergence.
 
     Args:
         values: the tensor to quantize. With ``per_row`` its first dimension indexes the rows
@@ -130,41 +131,117 @@ def fit_scale(
     zero_rows = absmax == 0
     safe_max = torch.where(zero_rows, torch.ones_like(absmax), absmax)
 
-    if init is None:
-        starts = [v.abs().mean(dim=1, keepdim=True)]
-        points = coarse_points or int(min(128, max(16, 2**22 // max(v.numel(), 1))))
-        starts += list(_best_of_sweep(v, safe_max / grid.max_abs, grid, points, keep=4))
-    else:
+    if init is not None:
         init_t = torch.as_tensor(init, dtype=torch.float64, device=v.device).reshape(-1, 1).expand_as(absmax)
-        starts = [torch.where(init_t > 0, init_t, safe_max / grid.max_abs)]
+        start = torch.where((init_t > 0) & ~zero_rows, init_t, safe_max / grid.max_abs)
+        scale, codes = _alternate(v, start, grid, max_iter)
+        scale = torch.where(zero_rows, torch.zeros_like(scale), scale)
+        return scale, codes.to(torch.int64).reshape(shape)
+    starts = [v.abs().mean(dim=1, keepdim=True)]
+    points = coarse_points or int(min(128, max(16, 2**22 // max(v.numel(), 1))))
+    starts += list(_best_of_sweep(v, safe_max / grid.max_abs, grid, points, keep=4))
     scale = torch.stack(starts)  # (starts, rows, 1)
     scale = torch.where(zero_rows | (scale <= 0), torch.ones_like(scale), scale)
 
-    best_err = torch.full_like(absmax, math.inf)
-    best_scale = scale[0].clone()
-    prev_codes = None
-    for it in range(max_iter + 1):
-        codes = grid.float_codes(v / scale)
-        levels = codes * grid.step + grid.first
-        err = (v - scale * levels).pow_(2).sum(dim=-1, keepdim=True)
-        err_min, which = err.min(dim=0)
-        better = err_min < best_err
-        best_err = torch.where(better, err_min, best_err)
-        best_scale = torch.where(better, scale.gather(0, which.unsqueeze(0)).squeeze(0), best_scale)
-        if it == max_iter or (prev_codes is not None and torch.equal(codes, prev_codes)):
-            break  # same codes give the same scale: a fixed point
-        prev_codes = codes
-        denom = (levels * levels).sum(dim=-1, keepdim=True)
-        new_scale = (levels * v).sum(dim=-1, keepdim=True) / denom.clamp_min(1e-300)
-        new_scale = torch.where((denom > 0) & (new_scale > 0), new_scale, scale)
-        change = float(((new_scale - scale).abs() / scale).max())
-        scale = new_scale
-        if change <= rtol:
-            break
-
+    best_scale = _best_of_starts(v, scale, grid, max_iter, rtol)
     best_scale = torch.where(zero_rows, torch.zeros_like(best_scale), best_scale)
     codes = grid.codes(v / torch.where(zero_rows, torch.ones_like(best_scale), best_scale))
     return best_scale, codes.reshape(shape)
+
+
+def _levels_for(v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
+    """The normalised grid levels nearest to ``v / scale`` (``scale`` broadcast over rows), in one buffer."""
+    k = v * (1.0 / (scale * grid.step))
+    k.sub_(grid.first / grid.step).round_().clamp_(0, grid.num_levels - 1)
+    return k.mul_(grid.step).add_(grid.first)
+
+
+def _best_of_starts(
+    v: torch.Tensor, starts: torch.Tensor, grid: UniformGrid, max_iter: int, rtol: float
+) -> torch.Tensor:
+    """Run the alternation from every start of every row (``starts``: ``(S, rows, 1)``) and return each row's
+    scale with the lowest error seen, ``(rows, 1)``.
+
+    Each (start, row) pair stops on its own once its scale moves by at most ``rtol`` (relative; the same codes
+    give the same scale, so a fixed point stops at once) or after ``max_iter`` updates, and only the pairs still
+    moving are computed: most converge in a few steps. The error of a scale ``a`` with levels ``l`` is
+    ``‖v‖² − 2a⟨v, l⟩ + a²⟨l, l⟩``, from the two sums the update needs anyway.
+    """
+    num_starts, rows = starts.shape[0], v.shape[0]
+    pair_v = v.repeat(num_starts, 1)  # pair p = start p // rows of row p % rows
+    pair_vv = (pair_v * pair_v).sum(dim=-1, keepdim=True)
+    scale = starts.reshape(-1, 1).clone()
+    best_err = torch.full_like(scale, math.inf)
+    best_scale = scale.clone()
+    active: torch.Tensor | None = None  # None: every pair
+    sv, sa, svv = pair_v, scale, pair_vv
+    for it in range(max_iter + 1):
+        levels = _levels_for(sv, sa, grid)
+        vl = (levels * sv).sum(dim=-1, keepdim=True)
+        ll = levels.pow_(2).sum(dim=-1, keepdim=True)
+        err = svv - 2 * sa * vl + sa * sa * ll
+        idx = slice(None) if active is None else active
+        better = err < best_err[idx]
+        best_err[idx] = torch.where(better, err, best_err[idx])
+        best_scale[idx] = torch.where(better, sa, best_scale[idx])
+        if it == max_iter:
+            break
+        new_scale = vl / ll.clamp_min(1e-300)
+        new_scale = torch.where((ll > 0) & (new_scale > 0), new_scale, sa)
+        moving = ((new_scale - sa).abs() > rtol * sa).squeeze(1)
+        scale[idx] = new_scale
+        num_moving = int(moving.sum())
+        if num_moving == 0:
+            break
+        if num_moving < 0.75 * sv.shape[0]:  # compact to the pairs still moving
+            active = moving.nonzero().squeeze(1) if active is None else active[moving]
+            sv, svv = pair_v[active], pair_vv[active]
+        sa = scale if active is None else scale[active]
+    per_start = best_err.reshape(num_starts, rows, 1)
+    which = per_start.argmin(dim=0, keepdim=True)
+    return best_scale.reshape(num_starts, rows, 1).gather(0, which).squeeze(0)
+
+
+def _alternate(
+    v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The alternation of :func:`fit_scale` from one start per row (``v``: ``(rows, n)``, ``scale``: ``(rows, 1)``,
+    positive), until the codes stop changing or ``max_iter`` scale updates.
+
+    Both steps (nearest codes for the scale, least-squares scale for the codes) can only lower the squared
+    error, so the last pair is the best one seen and needs no bookkeeping: the lean path for warm starts,
+    which converge in a few steps.
+
+    Returns:
+        ``(scale, codes)`` with the codes (whole numbers in ``v``'s dtype) nearest for that scale.
+    """
+    levels = _levels_for(v, scale, grid)
+    for _ in range(max_iter):
+        denom = (levels * levels).sum(dim=-1, keepdim=True)
+        new_scale = (levels * v).sum(dim=-1, keepdim=True) / denom.clamp_min(1e-300)
+        scale = torch.where((denom > 0) & (new_scale > 0), new_scale, scale)
+        new_levels = _levels_for(v, scale, grid)
+        if torch.equal(new_levels, levels):
+            break
+        levels = new_levels
+    codes = levels.sub_(grid.first).mul_(1.0 / grid.step).round_()
+    return scale, codes
+
+
+def project_to_grid(
+    values: torch.Tensor, grid: UniformGrid, per_row: bool, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The warm-started scale fit of :func:`fit_scale` (``init=scale``) without its checks and int copies: the
+    per-iteration projection of ADMM. ``values`` must be float64 with rows first and ``scale`` positive.
+
+    Returns:
+        ``(scale, codes, projected)``: the refined scale ``(rows, 1)``, the codes as whole numbers in float64 and
+        ``scale · level(codes)`` shaped like ``values``.
+    """
+    v = _rows(values, per_row)
+    scale, codes = _alternate(v, scale.reshape(-1, 1), grid, max_iter=30)
+    projected = (codes * grid.step + grid.first).mul_(scale)
+    return scale, codes.reshape(values.shape), projected.reshape(values.shape)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, grid: UniformGrid, dtype: torch.dtype) -> torch.Tensor:
@@ -210,8 +287,11 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         step = self.step.to(x.dtype)
         offset = self.offset.to(x.dtype)
-        k = torch.clamp(torch.round((x - offset) / step), 0, self.num_levels - 1)
-        return k * step + offset
+        if torch.jit.is_scripting() or x.requires_grad:
+            k = torch.clamp(torch.round((x - offset) / step), 0, self.num_levels - 1)
+            return k * step + offset
+        # the same operations on one buffer (a layer's whole input: memory-bound)
+        return (x - offset).div_(step).round_().clamp_(0, self.num_levels - 1).mul_(step).add_(offset)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, step={float(self.step):.4g}, offset={float(self.offset):.4g}"

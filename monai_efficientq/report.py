@@ -41,6 +41,8 @@ class LayerRecord:
     seconds: float
     held_out_rtn_error: float | None = None
     held_out_error: float | None = None
+    iterations_run: int = 0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +55,8 @@ class QuantizationReport:
         float_layers: layers left in float, each ``{"name", "type", "reason"}``.
         folded_batchnorm: ``[conv_name, bn_name]`` pairs that were folded.
         total_seconds: wall time of the whole run.
+        phase_seconds: where that time went, seconds per phase (see :data:`~monai_efficientq.timing.PHASES`;
+            ``other`` is the rest: the float layers of the quantizing forward pass, logging).
         peak_memory_mb: peak memory (``peak_memory_kind`` says which: CUDA allocated or process RSS).
         float_bytes: bytes of the float32 state dict.
         packed_bytes: bytes of the packed checkpoint.
@@ -66,6 +70,7 @@ class QuantizationReport:
     float_layers: list[dict[str, str]] = field(default_factory=list)
     folded_batchnorm: list[list[str]] = field(default_factory=list)
     total_seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
     peak_memory_kind: str = ""
     float_bytes: int = 0
@@ -141,6 +146,7 @@ class QuantizationReport:
             lines.append("|---" * (len(cols) + 1) + "|")
             for model, values in self.dice.items():
                 lines.append(f"| {model} | " + " | ".join(_fmt(values.get(c)) for c in cols) + " |")
+        lines += _phase_table(self.phase_seconds, self.total_seconds)
         lines += [
             "",
             "## Layers",
@@ -149,13 +155,14 @@ class QuantizationReport:
         held = any(r.held_out_error is not None for r in self.layers)
         head = "| # | layer | type | shape | W | A | RTN error | EfficientQ error |"
         head += " held-out RTN error | held-out error |" if held else ""
-        lines += [head + " best it. | solver | seconds |", "|---" * (11 + 2 * held) + "|"]
+        lines += [head + " best it. | iterations | solver | seconds |", "|---" * (12 + 2 * held) + "|"]
         for i, r in enumerate(self.layers):
             a = "float" if r.act_bits is None else f"{r.act_bits}{'s' if r.act_signed else 'u'}"
             held_cells = f" {_fmt_err(r.held_out_rtn_error)} | {_fmt_err(r.held_out_error)} |" if held else ""
             lines.append(
                 f"| {i} | `{r.name}` | {r.type} | {'x'.join(map(str, r.shape))} | {r.weight_bits} | {a} | "
-                f"{r.rtn_error:.4g} | {r.error:.4g} |{held_cells} {r.best_iteration} | {r.solver} | {r.seconds:.2f} |"
+                f"{r.rtn_error:.4g} | {r.error:.4g} |{held_cells} {r.best_iteration} | {r.iterations_run} | {r.solver} | "
+                f"{r.seconds:.2f} |"
             )
         if held:
             lines += ["", "Held-out errors: on the last calibration volume, which the fit did not see; the layer kept "
@@ -167,6 +174,20 @@ class QuantizationReport:
         if path is not None:
             atomic_write_text(path, text)
         return text
+
+
+def _phase_table(phases: dict[str, float], total: float) -> list[str]:
+    """The "where the time went" section: seconds and share of each phase, with what it holds."""
+    if not phases:
+        return []
+    from .timing import PHASES
+
+    legend = dict(PHASES, other="the rest: the float layers of the quantizing forward pass, logging")
+    lines = ["", "## Where the time went", "", "| phase | seconds | share | what |", "|---|---|---|---|"]
+    for phase, seconds in phases.items():
+        share = 100 * seconds / total if total > 0 else 0.0
+        lines.append(f"| {phase} | {seconds:.2f} | {share:.0f} % | {legend.get(phase, '')} |")
+    return lines
 
 
 def _fmt_err(value: float | None) -> str:

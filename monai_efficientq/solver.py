@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .quantizer import UniformGrid, dequantize, fit_scale
+from .quantizer import UniformGrid, dequantize, fit_scale, project_to_grid
+from .timing import PhaseTimer
 
 __all__ = ["LayerSolver", "LayerSolution", "SolverSettings"]
 
 logger = logging.getLogger(__name__)
+
+#: An iterate that lowers the best error by less than this fraction does not reset the early-stop patience.
+_MIN_IMPROVEMENT = 1e-4
 
 
 @dataclass
@@ -40,6 +44,7 @@ class SolverSettings:
     rtn_candidate: bool = True
     solver: str = "auto"
     method: str = "efficientq"
+    patience: int | None = None
     record_history: bool = False
 
 
@@ -72,6 +77,7 @@ class LayerSolution:
     history: list[dict[str, torch.Tensor]] = field(default_factory=list)
     held_out_rtn_error: float | None = None
     held_out_error: float | None = None
+    iterations_run: int = 0
 
 
 class _ErrorTerms:
@@ -125,19 +131,51 @@ class _ColumnTerms:
         self.dtype = dtype
         self.columns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.yy = 0.0
+        self._fast: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
         x, y = x.to(self.dtype), y.to(self.dtype)
         h = h.to(self.dtype) if h is not None else None
         self.columns.append((x, y, h))
         self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
+        self._fast = None
 
     def error(self, wb: torch.Tensor, exact: bool = True) -> float:
-        total = 0.0
-        for x, y, h in self.columns:
-            e2 = (wb @ x - y).pow(2)
-            total += float((e2 if h is None else e2 * h).sum(dtype=torch.float64))
-        return total
+        """``‖[W b]·X − Y‖²_H`` over the stored columns (``exact=False``: in float32, as ``_ErrorTerms.error``)."""
+        return self.errors(wb, exact)[0]
+
+    def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
+        """The squared error weighted by the stored ``H`` and unweighted, in one pass over the columns."""
+        columns = self.columns
+        if not exact:
+            if self._fast is None:
+                f32 = torch.float32
+                self._fast = [(x.to(f32), y.to(f32), h.to(f32) if h is not None else None) for x, y, h in columns]
+            columns, wb = self._fast, wb.to(torch.float32)
+        weighted = unweighted = 0.0
+        for x, y, h in columns:
+            e2 = (wb @ x - y).pow_(2)
+            plain = float(e2.sum(dtype=torch.float64))
+            unweighted += plain
+            weighted += plain if h is None else float((e2 * h).sum(dtype=torch.float64))
+        return weighted, unweighted
+
+    def yy_unweighted(self) -> float:
+        return float(sum(float((y * y).sum(dtype=torch.float64)) for _, y, _ in self.columns))
+
+    def scaled_columns(self) -> torch.Tensor:
+        """``[X₁·√(2H₁), X₂·√(2H₂), …]``: the columns whose outer products sum to ``2A``."""
+        return torch.cat([x if h is None else x * (2 * h).sqrt() for x, h in ((x, h) for x, _, h in self.columns)], -1)
+
+    @property
+    def A(self) -> torch.Tensor:
+        """``Σ X·H·Xᵀ`` (dense; only the reference solver needs it)."""
+        return sum((x if h is None else x * h) @ x.transpose(1, 2) for x, _, h in self.columns)
+
+    @property
+    def B(self) -> torch.Tensor:
+        """``Σ Y·H·Xᵀ``."""
+        return sum((y if h is None else y * h) @ x.transpose(1, 2) for x, y, h in self.columns)
 
 
 class LayerSolver:
@@ -151,6 +189,7 @@ class LayerSolver:
         settings: ADMM settings.
         num_columns: ``P``, the number of output voxels that will be streamed in.
         dtype: dtype of the statistics and iterates.
+        timer: where the seconds of each phase are added (``gram``, ``scale_fit``, ``admm_*``, ``errors``).
     """
 
     def __init__(
@@ -162,7 +201,9 @@ class LayerSolver:
         settings: SolverSettings,
         num_columns: int,
         dtype: torch.dtype = torch.float64,
+        timer: PhaseTimer | None = None,
     ) -> None:
+        self.timer = timer if timer is not None else PhaseTimer()
         self.w0 = weight.detach().to(dtype)
         self.has_bias = bias is not None
         self.b0 = bias.detach().to(dtype) if bias is not None else None
@@ -174,16 +215,14 @@ class LayerSolver:
         groups, _, k = self.w0.shape
         self.k1 = k + int(self.has_bias)
         mode = settings.solver
-        if mode == "auto":
-            mode = "woodbury" if num_columns < self.k1 else "cholesky"
+        if mode == "auto":  # the cheaper V-step: P columns through Woodbury, or the dense K×K inverse
+            mode = "woodbury" if _woodbury_is_cheaper(num_columns, self.k1) else "cholesky"
         if mode == "woodbury" and settings.eta_factor == 0 and self.has_bias:
             mode = "cholesky"  # the diagonal part would be singular at the bias position
         self.mode = mode
-        self.weighted = _ErrorTerms(dtype)
+        # the fitted columns' statistics: Gram matrices, or (Woodbury) the columns themselves
+        self.weighted: _ErrorTerms | _ColumnTerms = _ColumnTerms(dtype) if mode == "woodbury" else _ErrorTerms(dtype)
         self.unweighted: _ErrorTerms | None = None
-        self._cols_x: list[torch.Tensor] = []
-        self._cols_y: list[torch.Tensor] = []
-        self._cols_h: list[torch.Tensor] = []
         self._y_sum = 0.0
         self._y_sq = 0.0
         self._y_count = 0
@@ -226,13 +265,8 @@ class LayerSolver:
         self._h_sum += float(hw.sum()) if hw is not None else float(y.shape[-1])
         self._h_count += y.shape[-1]
         self._seen += y.shape[-1]
-        if self.mode == "woodbury":
-            self._cols_x.append(x)
-            self._cols_y.append(y)
-            self._cols_h.append(hw if hw is not None else x.new_ones(x.shape[-1]))
-            return
         self.weighted.add(x, y, hw)
-        if hw is not None and self.settings.best_iterate_error == "unweighted":
+        if hw is not None and self.settings.best_iterate_error == "unweighted" and self.mode != "woodbury":
             if self.unweighted is None:
                 self.unweighted = _ErrorTerms(self.dtype)
             self.unweighted.add(x, y, None)
@@ -267,28 +301,28 @@ class LayerSolver:
 
     def _errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
         """(weighted, unweighted) squared output errors of ``[W b]`` (``exact=False``: see ``_ErrorTerms.error``)."""
-        if self.mode == "woodbury":
-            weighted = unweighted = 0.0
-            for x, y, h in zip(self._cols_x, self._cols_y, self._cols_h):
-                e2 = (wb @ x - y).pow(2)
-                weighted += float((e2 * h).sum())
-                unweighted += float(e2.sum())
-            return weighted, unweighted
+        if isinstance(self.weighted, _ColumnTerms):  # the columns give both in one pass
+            return self.weighted.errors(wb, exact)
         weighted = self.weighted.error(wb, exact)
         if self.unweighted is not None:
             return weighted, self.unweighted.error(wb, exact)
         return weighted, weighted if self._uniform else math.nan
 
     def _yy(self) -> tuple[float, float]:
-        if self.mode == "woodbury":
-            return (
-                float(sum(((y * y) * h).sum() for y, h in zip(self._cols_y, self._cols_h))),
-                float(sum((y * y).sum() for y in self._cols_y)),
-            )
         yy_w = self.weighted.yy
+        if isinstance(self.weighted, _ColumnTerms):
+            return yy_w, self.weighted.yy_unweighted()
         if self.unweighted is not None:
             return yy_w, self.unweighted.yy
         return yy_w, yy_w if self._uniform else math.nan
+
+    def _refine(self, v: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ADMM's projection of ``v`` onto the grid, its scale warm-started from ``scale``: ``(scale, codes, G)``."""
+        if bool((scale > 0).all()):
+            scale, codes, g = project_to_grid(v.reshape(-1, v.shape[-1]), self.grid, self.per_channel, scale)
+            return scale, codes.reshape(v.shape), g.reshape(v.shape)
+        g, scale, codes = self._project(v, scale)  # a zero row: the checked path
+        return scale, codes, g
 
     def _project(self, v: torch.Tensor, init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = v.reshape(-1, v.shape[-1])
@@ -308,11 +342,11 @@ class LayerSolver:
         """A function ``R ↦ R·(2A + ρD + ηI)⁻¹`` for this ρ (one factorization)."""
         lam = self._diag(rho, eta)
         if self.mode == "naive":
-            a = self._dense_a()
+            a = self.weighted.A
             m = 2 * a + torch.diag_embed(lam).expand_as(a)
             return lambda r: torch.linalg.solve(m, r.transpose(1, 2)).transpose(1, 2)
         if self.mode == "woodbury":
-            s = torch.cat([x * (2 * h).sqrt() for x, h in zip(self._cols_x, self._cols_h)], dim=-1)
+            s = self.weighted.scaled_columns()
             s_scaled = s / lam[:, None]
             core = s.transpose(1, 2) @ s_scaled
             core.diagonal(dim1=-2, dim2=-1).add_(1.0)
@@ -323,21 +357,11 @@ class LayerSolver:
                 return r_lam - ((r_lam @ s) @ core_inv) @ s_scaled.transpose(1, 2)
 
             return apply
-        a = self._dense_a()
+        a = self.weighted.A
         m = 2 * a
         m.diagonal(dim1=-2, dim2=-1).add_(lam)
         m_inv = torch.cholesky_inverse(_cholesky(m))
         return lambda r: r @ m_inv
-
-    def _dense_a(self) -> torch.Tensor:
-        if self.mode == "woodbury":
-            return sum((x * h) @ x.transpose(1, 2) for x, h in zip(self._cols_x, self._cols_h))
-        return self.weighted.A
-
-    def _dense_b(self) -> torch.Tensor:
-        if self.mode == "woodbury":
-            return sum((y * h) @ x.transpose(1, 2) for x, y, h in zip(self._cols_x, self._cols_y, self._cols_h))
-        return self.weighted.B
 
     @torch.no_grad()
     def round_to_nearest(self) -> LayerSolution:
@@ -368,74 +392,117 @@ class LayerSolver:
         st = self.settings
         if attention_mean is None:
             attention_mean = self._h_sum / max(self._h_count, 1)
-        yy_w, yy_u = self._yy()
-        yy_w, yy_u = max(yy_w, 1e-300), max(yy_u, 1e-300) if not math.isnan(yy_u) else yy_u
 
-        # round to nearest: the floor, and a candidate iterate
-        rtn_w, rtn_scale, rtn_codes = self._project(self.w0, None)
-        rtn_wb = self._wb(rtn_w, self.b0)
-        best = {
-            "codes": rtn_codes, "scale": rtn_scale, "weight": rtn_w, "bias": self.b0,
-            "err": self._rank(rtn_wb), "iteration": -1,  # ranked like the ADMM iterates
-        }
+        # round to nearest: the floor, and a candidate iterate ranked like the ADMM ones
+        with self.timer("scale_fit"):
+            rtn_w, rtn_scale, rtn_codes = self._project(self.w0, None)
+        rtn = _Candidate(rtn_codes, rtn_scale, rtn_w, self.b0, iteration=-1)
+        with self.timer("admm_rank"):
+            rtn.err = self._rank(rtn.wb(self.has_bias))
         s = self._scale_s(attention_mean)
         history: list[dict[str, torch.Tensor]] = []
+        best, iterations_run = rtn, 0
         if st.method == "efficientq":
-            if not st.rtn_candidate:
-                best["err"] = math.inf
-            self._admm(s, best, history, rtn_scale)
+            found, iterations_run = self._admm(s, rtn if st.rtn_candidate else None, history, rtn_scale)
+            best = found if found is not None else rtn
+        with self.timer("errors"):
+            solution = self._solution(best, rtn, s, history)
+        solution.iterations_run = iterations_run
+        solution.seconds = time.perf_counter() - t0
+        self.weighted = _ColumnTerms(self.dtype) if self.mode == "woodbury" else _ErrorTerms(self.dtype)
+        self.unweighted = None
+        return solution
+
+    def _solution(self, best: _Candidate, rtn: _Candidate, s: float, history: list) -> LayerSolution:
+        """The chosen candidate with its errors (exact, relative to ``‖Y‖²``) and those of round-to-nearest."""
+        yy_w, yy_u = self._yy()
+        yy_w, yy_u = max(yy_w, 1e-300), max(yy_u, 1e-300) if not math.isnan(yy_u) else yy_u
+        rtn_wb, best_wb = rtn.wb(self.has_bias), best.wb(self.has_bias)
         rtn_err_w, rtn_err_u = self._errors(rtn_wb)
-        best_err_w, best_err_u = self._errors(self._wb(best["weight"], best["bias"])) if best["iteration"] >= 0 else (
-            rtn_err_w, rtn_err_u)
+        best_err_w, best_err_u = self._errors(best_wb) if best is not rtn else (rtn_err_w, rtn_err_u)
         solution = LayerSolution(
-            codes=best["codes"], scale=best["scale"], weight=best["weight"], bias=best["bias"], rtn_weight=rtn_w,
+            codes=best.codes.to(torch.int64), scale=best.scale, weight=best.weight, bias=best.bias, rtn_weight=rtn.weight,
             rtn_error=rtn_err_u / yy_u, rtn_error_weighted=rtn_err_w / yy_w,
             error=best_err_u / yy_u, error_weighted=best_err_w / yy_w,
-            best_iteration=best["iteration"], solver=self.mode if st.method == "efficientq" else "rtn",
-            seconds=time.perf_counter() - t0, s=s, history=history,
+            best_iteration=best.iteration, solver=self.mode if self.settings.method == "efficientq" else "rtn",
+            seconds=0.0, s=s, history=history,
         )
         if self.held is not None:
             held_yy = max(self.held.yy, 1e-300)
             solution.held_out_rtn_error = self.held.error(rtn_wb) / held_yy
-            solution.held_out_error = self.held.error(self._wb(best["weight"], best["bias"])) / held_yy
+            solution.held_out_error = self.held.error(best_wb) / held_yy
             self.held = None
-        self._cols_x, self._cols_y, self._cols_h = [], [], []
-        self.weighted = _ErrorTerms(self.dtype)
-        self.unweighted = None
         return solution
 
-    def _admm(self, s: float, best: dict, history: list, start_scale: torch.Tensor) -> None:
-        st = self.settings
-        eta = st.eta_factor * s
-        rho = st.rho_factor * s
-        rho_cap = st.rho_cap_factor * s
-        b_mat = self._dense_b()
-        prior = self._wb(self.w0, self.b0) * eta
-        g = self.w0.clone()
-        u = torch.zeros_like(g)
-        inverses: dict[float, object] = {}
-        scale = start_scale  # warm start of the joint scale fit
-        k = self.w0.shape[-1]
+    def _admm(
+        self, s: float, best: _Candidate | None, history: list, start_scale: torch.Tensor
+    ) -> tuple[_Candidate | None, int]:
+        """ADMM from the float weights; returns the best candidate (``best``, e.g. the round-to-nearest weights,
+        unless an iterate ranks lower; ``None`` if ``best`` was None and no iterate had a finite error) and the
+        number of iterations run.
+
+        With ``patience``, it stops once the best candidate's error has not fallen by more than
+        ``_MIN_IMPROVEMENT`` (relative) for that many iterations.
+        """
+        st, timer = self.settings, self.timer
+        eta, rho, rho_cap = st.eta_factor * s, st.rho_factor * s, st.rho_cap_factor * s
+        b2_prior = 2 * self.weighted.B + self._wb(self.w0, self.b0) * eta
+        g, u = self.w0.clone(), torch.zeros_like(self.w0)
+        inverse, inverse_rho = None, None
+        scale, k = start_scale, self.w0.shape[-1]  # the scale fit is warm-started from the previous iterate
+        last_better, reference = -1, best.err if best is not None else math.inf  # the last real improvement
+        it = 0
         for it in range(st.iterations):
+            t0 = time.perf_counter()
             step_rho = it % st.rho_step_every == 0
             if step_rho and st.rho_schedule == "before":
                 rho, u = _double_rho(rho, rho_cap, u)
-            if rho not in inverses:
-                inverses = {rho: self._make_inverse(rho, eta)}  # one factorization per distinct ρ
-            target = g - u
-            rhs = 2 * b_mat + prior + rho * (self._wb(target, torch.zeros_like(self.b0)) if self.has_bias else target)
-            vb = inverses[rho](rhs)
-            v = vb[..., :k]
-            bias = vb[..., k] if self.has_bias else None
-            g, scale, codes = self._project(v + u, scale)
+            if rho != inverse_rho:
+                inverse, inverse_rho = self._make_inverse(rho, eta), rho  # one factorization per distinct ρ
+            target = self._wb(g - u, torch.zeros_like(self.b0)) if self.has_bias else g - u
+            vb = inverse(b2_prior + rho * target)
+            v, bias = vb[..., :k], (vb[..., k] if self.has_bias else None)
+            t1 = time.perf_counter()
+            scale, codes, g = self._refine(v + u, scale)
             u = u + v - g
-            err = self._rank(self._wb(g, bias))
+            t2 = time.perf_counter()
+            candidate = _Candidate(codes, scale, g, bias, iteration=it)
+            candidate.err = self._rank(candidate.wb(self.has_bias))
+            timer.add("admm_solve", t1 - t0)
+            timer.add("admm_project", t2 - t1)
+            timer.add("admm_rank", time.perf_counter() - t2)
             if st.record_history:
                 history.append({"v": vb.clone(), "codes": codes.clone(), "scale": scale.clone(), "rho": torch.tensor(rho)})
-            if err < best["err"]:
-                best.update(codes=codes, scale=scale, weight=g, bias=bias, err=err, iteration=it)
+            if candidate.err < (best.err if best is not None else math.inf):
+                best = candidate
+                if best.err < reference * (1 - _MIN_IMPROVEMENT) or not math.isfinite(reference):
+                    last_better, reference = it, best.err
             if step_rho and st.rho_schedule == "after":
                 rho, u = _double_rho(rho, rho_cap, u)
+            if st.patience is not None and it - last_better >= st.patience:
+                break
+        return best, it + 1
+
+
+@dataclass
+class _Candidate:
+    """One candidate solution: round-to-nearest (``iteration`` -1) or an ADMM iterate, with its ranking error."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    iteration: int
+    err: float = math.inf
+
+    def wb(self, has_bias: bool) -> torch.Tensor:
+        return torch.cat([self.weight, self.bias.unsqueeze(-1)], dim=-1) if has_bias else self.weight
+
+
+def _woodbury_is_cheaper(num_columns: int, k1: int) -> bool:
+    """Per V-step and output channel, the dense inverse costs ``2K²`` flops and Woodbury over ``P`` columns
+    ``4KP + 2P²``: Woodbury is cheaper when ``2P + P²/K < K`` (about ``P < 0.41·K``)."""
+    return 2 * num_columns + num_columns**2 / k1 < k1
 
 
 def _double_rho(rho: float, rho_cap: float, u: torch.Tensor) -> tuple[float, torch.Tensor]:

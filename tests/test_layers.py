@@ -87,3 +87,25 @@ def test_chunks_stay_bounded():
     sizes = [p.numel() * 8 for _, p in input_patches(layer, x, 2**20, torch.float64)]
     assert len(sizes) > 1
     assert max(sizes) <= 2**20
+
+
+@pytest.mark.parametrize("stride, dilation, step", [(1, 1, 2), (2, 1, 3), (1, 2, 2)])
+def test_subsampled_forward_is_every_step_th_output_voxel(stride, dilation, step):
+    from monai_efficientq.layers import layer_forward, subsampled_forward
+
+    torch.manual_seed(0)
+    layer = nn.Conv3d(3, 4, 3, stride=stride, padding=dilation, dilation=dilation)
+    x = torch.randn(2, 3, 13, 12, 11)
+    full = layer_forward(layer, x, layer.weight, layer.bias)
+    sub = subsampled_forward(layer, x, layer.weight, layer.bias, step)
+    assert torch.allclose(sub, full[..., ::step, ::step, ::step], atol=1e-6)
+
+
+def test_sampled_output_step_keeps_enough_voxels_and_skips_what_it_cannot_sample():
+    from monai_efficientq.layers import sampled_output_step
+
+    conv = nn.Conv3d(2, 2, 3, padding=1)
+    assert sampled_output_step(conv, (2, 2, 40, 40, 40), 2000) == 4  # 2·10³ ≥ 2000 > 2·(40/5)³
+    assert sampled_output_step(conv, (1, 2, 8, 8, 8), 2000) == 1
+    assert sampled_output_step(nn.ConvTranspose3d(2, 2, 2, stride=2), (1, 2, 40, 40, 40), 10) == 1
+    assert sampled_output_step(nn.Conv3d(2, 2, 3, padding=1, padding_mode="reflect"), (1, 2, 40, 40, 40), 10) == 1

@@ -100,3 +100,51 @@ def test_act_quantizer_signed_keeps_negative_signal():
     err_s = float((signed(x) - x).pow(2).mean())
     assert float(signed(x).min()) < 0
     assert err_s < 0.6 * err_u
+
+
+def _alternate_each_start(v, starts, grid, max_iter, rtol):
+    """Reference for the multi-start scale fit: every start of every row iterated on its own, best kept."""
+    best = torch.full((v.shape[0], 1), float("inf"), dtype=torch.float64)
+    best_scale = torch.zeros_like(best)
+    for start in starts:
+        for r in range(v.shape[0]):
+            a = float(start[r])
+            for it in range(max_iter + 1):
+                lv = grid.levels(grid.codes(v[r] / a), torch.float64)
+                err = float(((v[r] - a * lv) ** 2).sum())
+                if err < best[r]:
+                    best[r], best_scale[r] = err, a
+                if it == max_iter or float((lv * lv).sum()) == 0:
+                    break
+                new = float((lv * v[r]).sum() / (lv * lv).sum())
+                if new <= 0 or abs(new - a) <= rtol * a:
+                    break
+                a = new
+    return best_scale, best
+
+
+@pytest.mark.parametrize("bits, kind", [(2, "nozero"), (3, "int"), (4, "nozero")])
+def test_vectorised_multi_start_fit_matches_one_start_at_a_time(bits, kind):
+    from monai_efficientq.quantizer import _best_of_starts
+
+    torch.manual_seed(bits)
+    v = (torch.randn(6, 200) * torch.rand(6, 1) * 3).double()
+    grid = UniformGrid(bits, kind)
+    starts = torch.stack([v.abs().mean(1, keepdim=True) * f for f in (0.5, 1.0, 2.0, 3.0)])
+    scale = _best_of_starts(v, starts, grid, max_iter=30, rtol=1e-5)
+    _, ref_err = _alternate_each_start(v, starts, grid, 30, 1e-5)
+    err = ((v - scale * grid.levels(grid.codes(v / scale), torch.float64)) ** 2).sum(1, keepdim=True)
+    assert torch.allclose(err, ref_err, rtol=1e-10)
+
+
+def test_warm_projection_equals_the_warm_started_fit():
+    from monai_efficientq.quantizer import project_to_grid
+
+    torch.manual_seed(0)
+    v = torch.randn(5, 40, dtype=torch.float64)
+    grid = UniformGrid(2, "nozero")
+    init = v.abs().mean(1, keepdim=True)
+    scale, codes = fit_scale(v, grid, per_row=True, init=init)
+    scale2, codes2, projected = project_to_grid(v, grid, True, init)
+    assert torch.equal(scale, scale2) and torch.equal(codes, codes2.to(torch.int64))
+    assert torch.allclose(projected, scale * grid.levels(codes, torch.float64))

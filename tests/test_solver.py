@@ -43,10 +43,13 @@ def test_fast_solver_gives_the_same_iterates_as_plain_solve(fast, size):
     assert sol_fast.best_iteration == sol_ref.best_iteration
 
 
-def test_auto_picks_woodbury_when_fewer_voxels_than_unknowns():
-    layer, x, y, h = _problem(c_in=8, size=3)  # P = 27 < K + 1 = 217
+def test_auto_picks_the_cheaper_v_step():
+    layer, x, y, h = _problem(c_in=8, size=3)  # P = 27, K + 1 = 217: Woodbury (4KP + 2P² < 2K²)
     solver, _ = _solve(layer, x, y, h, iterations=2)
     assert solver.mode == "woodbury"
+    layer, x, y, h = _problem(c_in=8, size=5)  # P = 125 < K + 1 = 217, but the dense inverse is cheaper
+    solver, _ = _solve(layer, x, y, h, iterations=2)
+    assert solver.mode == "cholesky"
     layer, x, y, h = _problem(c_in=2, size=6)  # P = 216 > 55
     solver, _ = _solve(layer, x, y, h, iterations=2)
     assert solver.mode == "cholesky"
@@ -212,3 +215,35 @@ def dequantize_rows(codes, scale):
     rows = codes.reshape(-1, codes.shape[-1])
     per_row = scale.expand(rows.shape[0], 1) if scale.shape[0] == 1 else scale
     return dequantize(rows, per_row, UniformGrid(2, "nozero"), torch.float64).reshape(codes.shape)
+
+
+def test_early_stop_returns_the_best_of_the_iterates_it_ran():
+    layer, x, y, h = _problem(size=5)
+    _, full = _solve(layer, x, y, h, iterations=120, rho_step_every=30, record_history=True, rtn_candidate=False)
+    _, early = _solve(layer, x, y, h, iterations=120, rho_step_every=30, record_history=True, rtn_candidate=False,
+                      patience=3)
+    assert full.iterations_run == 120
+    assert 3 < early.iterations_run < 120
+    ran = early.iterations_run
+    # the same iterates as the full run, up to where it stopped
+    assert all(torch.equal(a["codes"], b["codes"]) for a, b in zip(early.history, full.history[:ran]))
+    assert early.best_iteration <= ran - 1
+    assert ran - 1 - early.best_iteration >= 3  # it waited `patience` iterations after the last real improvement
+    assert early.error_weighted >= full.error_weighted - 1e-12  # never better than running them all
+
+
+def test_column_terms_float32_ranking_matches_exact():
+    from monai_efficientq.solver import _ColumnTerms
+
+    torch.manual_seed(0)
+    terms = _ColumnTerms(torch.float64)
+    x, y = torch.randn(1, 30, 20, dtype=torch.float64), torch.randn(1, 4, 20, dtype=torch.float64)
+    h = torch.rand(20, dtype=torch.float64)
+    terms.add(x, y, h)
+    wb = torch.randn(1, 4, 30, dtype=torch.float64)
+    exact_w, exact_u = terms.errors(wb)
+    e2 = (wb @ x - y).pow(2)
+    assert exact_w == pytest.approx(float((e2 * h).sum()), rel=1e-12)
+    assert exact_u == pytest.approx(float(e2.sum()), rel=1e-12)
+    fast_w, fast_u = terms.errors(wb, exact=False)
+    assert fast_w == pytest.approx(exact_w, rel=1e-5) and fast_u == pytest.approx(exact_u, rel=1e-5)

@@ -1,0 +1,77 @@
+"""Where the time of a quantization run goes: seconds per phase.
+
+A :class:`PhaseTimer` adds wall seconds under named phases (``with timer("gram"): ...``). The network
+driver and the layer solver share one, so the report can say how much of a run went into recording the
+float targets, the attention map, the Gram accumulation, the scale fits, the ADMM iterations, the activation
+ranges and the final error evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["PhaseTimer", "PHASES"]
+
+#: The phases in the order a run meets them, with what each one holds (the report's legend).
+PHASES: dict[str, str] = {
+    "setup": "checks, copying the network, augmented copies, BatchNorm folding and its float forward",
+    "targets": "forward pass recording every layer's float output (the reconstruction targets)",
+    "attention": "class-balanced attention map from the float prediction (or the label)",
+    "edges": "finding the first and last layers by data flow",
+    "act_fit": "fitting the activation quantizers' ranges (least squares, then the output-aware range choice)",
+    "gram": "im2col of the quantized inputs and accumulation of the Gram statistics",
+    "scale_fit": "round-to-nearest: the least-squares scale fit of the float weights",
+    "admm_solve": "ADMM V-steps (one factorization per ρ, then one product per iteration)",
+    "admm_project": "ADMM projections onto the grid (warm-started scale fits)",
+    "admm_rank": "ranking the ADMM iterates by their output error",
+    "errors": "the reported output errors of the chosen weights and of round-to-nearest",
+    "forward": "building the quantized layers and passing the quantized output on",
+    "finish": "packed size, agreement Dice and the report",
+}
+
+
+class PhaseTimer:
+    """Wall seconds accumulated per phase.
+
+    Args:
+        device: when a CUDA device, each phase synchronises it at both ends so GPU work is charged to the
+            phase that launched it.
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.seconds: dict[str, float] = {}
+        self._sync = torch.device(device).type == "cuda" if device is not None else False
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self._sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                torch.cuda.synchronize()
+            self.add(phase, time.perf_counter() - start)
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Add ``seconds`` to ``phase``."""
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def snapshot(self) -> dict[str, float]:
+        """The seconds per phase so far, in :data:`PHASES` order (unknown phases last)."""
+        known = [p for p in PHASES if p in self.seconds]
+        rest = [p for p in self.seconds if p not in PHASES]
+        return {p: self.seconds[p] for p in known + rest}
+
+    def since(self, before: dict[str, float]) -> dict[str, float]:
+        """The seconds per phase added since ``before`` (a :meth:`snapshot`), zero phases dropped."""
+        now = self.snapshot()
+        return {p: s - before.get(p, 0.0) for p, s in now.items() if s - before.get(p, 0.0) > 0}
