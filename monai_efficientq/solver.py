@@ -165,7 +165,7 @@ class _ColumnTerms:
 
     def scaled_columns(self) -> torch.Tensor:
         """``[X₁·√(2H₁), X₂·√(2H₂), …]``: the columns whose outer products sum to ``2A``."""
-        return torch.cat([x if h is None else x * (2 * h).sqrt() for x, h in ((x, h) for x, _, h in self.columns)], -1)
+        return torch.cat([x * math.sqrt(2) if h is None else x * (2 * h).sqrt() for x, _, h in self.columns], dim=-1)
 
     @property
     def A(self) -> torch.Tensor:

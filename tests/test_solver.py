@@ -29,9 +29,11 @@ def _solve(layer, x, y, h, bits=2, per_channel=True, **kw):
     return solver, solver.solve()
 
 
+@pytest.mark.parametrize("attention", [True, False])
 @pytest.mark.parametrize("fast, size", [("cholesky", 6), ("woodbury", 3)])
-def test_fast_solver_gives_the_same_iterates_as_plain_solve(fast, size):
+def test_fast_solver_gives_the_same_iterates_as_plain_solve(fast, size, attention):
     layer, x, y, h = _problem(size=size)
+    h = h if attention else None
     kw = dict(iterations=60, rho_step_every=20, record_history=True, rtn_candidate=False)
     s_fast, sol_fast = _solve(layer, x, y, h, solver=fast, **kw)
     s_ref, sol_ref = _solve(layer, x, y, h, solver="naive", **kw)
@@ -40,7 +42,10 @@ def test_fast_solver_gives_the_same_iterates_as_plain_solve(fast, size):
     for a, b in zip(sol_fast.history, sol_ref.history):
         assert torch.allclose(a["v"], b["v"], rtol=1e-7, atol=1e-9)
         assert torch.equal(a["codes"], b["codes"])
-    assert sol_fast.best_iteration == sol_ref.best_iteration
+    if attention:
+        assert sol_fast.best_iteration == sol_ref.best_iteration
+    else:  # the two rank in float32 by different formulas: near-ties may go either way, the errors may not
+        assert sol_fast.error == pytest.approx(sol_ref.error, rel=1e-5)
 
 
 def test_auto_picks_the_cheaper_v_step():
