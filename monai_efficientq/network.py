@@ -228,7 +228,9 @@ class _QuantizingRun:
         if act_bits is not None:
             with self.timer("act_fit"):
                 act_quant = self._fit_input_quantizer(layer, x, y, h_map, act_bits)
-        xq = act_quant(x) if act_quant is not None else x
+                xq = act_quant(x)
+        else:
+            xq = x
         sol = self._solve_weights(layer, xq, y, h_map, weight_bits)
         del y
         with self.timer("forward"):

@@ -296,9 +296,6 @@ class LayerSolver:
         ratio = n * math.sqrt(var_y) / (self.w0.numel() * std_w) if std_w > 0 else 1.0
         return max(ratio, 1.0) * attention_mean
 
-    def _wb(self, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return torch.cat([w, b.unsqueeze(-1)], dim=-1) if self.has_bias else w
-
     def _errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
         """(weighted, unweighted) squared output errors of ``[W b]`` (``exact=False``: see ``_ErrorTerms.error``)."""
         if isinstance(self.weighted, _ColumnTerms):  # the columns give both in one pass
@@ -398,7 +395,7 @@ class LayerSolver:
             rtn_w, rtn_scale, rtn_codes = self._project(self.w0, None)
         rtn = _Candidate(rtn_codes, rtn_scale, rtn_w, self.b0, iteration=-1)
         with self.timer("admm_rank"):
-            rtn.err = self._rank(rtn.wb(self.has_bias))
+            rtn.err = self._rank(rtn.wb)
         s = self._scale_s(attention_mean)
         history: list[dict[str, torch.Tensor]] = []
         best, iterations_run = rtn, 0
@@ -417,7 +414,7 @@ class LayerSolver:
         """The chosen candidate with its errors (exact, relative to ``‖Y‖²``) and those of round-to-nearest."""
         yy_w, yy_u = self._yy()
         yy_w, yy_u = max(yy_w, 1e-300), max(yy_u, 1e-300) if not math.isnan(yy_u) else yy_u
-        rtn_wb, best_wb = rtn.wb(self.has_bias), best.wb(self.has_bias)
+        rtn_wb, best_wb = rtn.wb, best.wb
         rtn_err_w, rtn_err_u = self._errors(rtn_wb)
         best_err_w, best_err_u = self._errors(best_wb) if best is not rtn else (rtn_err_w, rtn_err_u)
         solution = LayerSolution(
@@ -446,7 +443,7 @@ class LayerSolver:
         """
         st, timer = self.settings, self.timer
         eta, rho, rho_cap = st.eta_factor * s, st.rho_factor * s, st.rho_cap_factor * s
-        b2_prior = 2 * self.weighted.B + self._wb(self.w0, self.b0) * eta
+        b2_prior = 2 * self.weighted.B + _with_bias(self.w0, self.b0) * eta
         g, u = self.w0.clone(), torch.zeros_like(self.w0)
         inverse, inverse_rho = None, None
         scale, k = start_scale, self.w0.shape[-1]  # the scale fit is warm-started from the previous iterate
@@ -459,7 +456,7 @@ class LayerSolver:
                 rho, u = _double_rho(rho, rho_cap, u)
             if rho != inverse_rho:
                 inverse, inverse_rho = self._make_inverse(rho, eta), rho  # one factorization per distinct ρ
-            target = self._wb(g - u, torch.zeros_like(self.b0)) if self.has_bias else g - u
+            target = _with_bias(g - u, torch.zeros_like(self.b0) if self.has_bias else None)
             vb = inverse(b2_prior + rho * target)
             v, bias = vb[..., :k], (vb[..., k] if self.has_bias else None)
             t1 = time.perf_counter()
@@ -467,7 +464,7 @@ class LayerSolver:
             u = u + v - g
             t2 = time.perf_counter()
             candidate = _Candidate(codes, scale, g, bias, iteration=it)
-            candidate.err = self._rank(candidate.wb(self.has_bias))
+            candidate.err = self._rank(candidate.wb)
             timer.add("admm_solve", t1 - t0)
             timer.add("admm_project", t2 - t1)
             timer.add("admm_rank", time.perf_counter() - t2)
@@ -495,8 +492,14 @@ class _Candidate:
     iteration: int
     err: float = math.inf
 
-    def wb(self, has_bias: bool) -> torch.Tensor:
-        return torch.cat([self.weight, self.bias.unsqueeze(-1)], dim=-1) if has_bias else self.weight
+    @property
+    def wb(self) -> torch.Tensor:
+        return _with_bias(self.weight, self.bias)
+
+
+def _with_bias(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``[W b]``: the weights with the bias as a last column (``W`` alone for a layer without bias)."""
+    return w if b is None else torch.cat([w, b.unsqueeze(-1)], dim=-1)
 
 
 def _woodbury_is_cheaper(num_columns: int, k1: int) -> bool:

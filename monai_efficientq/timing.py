@@ -62,9 +62,6 @@ class PhaseTimer:
         """Add ``seconds`` to ``phase``."""
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
-    def total(self) -> float:
-        return sum(self.seconds.values())
-
     def snapshot(self) -> dict[str, float]:
         """The seconds per phase so far, in :data:`PHASES` order (unknown phases last)."""
         known = [p for p in PHASES if p in self.seconds]
