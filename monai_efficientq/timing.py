@@ -22,7 +22,8 @@ PHASES: dict[str, str] = {
     "targets": "forward pass recording every layer's float output (the reconstruction targets)",
     "attention": "class-balanced attention map from the float prediction (or the label)",
     "edges": "finding the first and last layers by data flow",
-    "act_fit": "fitting the activation quantizers' ranges (least squares, then the output-aware range choice)",
+    "act_fit": "fitting the activation quantizers' ranges (least squares, then the output-aware range choice) and "
+    "quantizing the layer's input with them",
     "gram": "im2col of the quantized inputs and accumulation of the Gram statistics",
     "scale_fit": "round-to-nearest: the least-squares scale fit of the float weights",
     "admm_solve": "ADMM V-steps (one factorization per ρ, then one product per iteration)",
