@@ -252,3 +252,21 @@ def test_column_terms_float32_ranking_matches_exact():
     assert exact_u == pytest.approx(float(e2.sum()), rel=1e-12)
     fast_w, fast_u = terms.errors(wb, exact=False)
     assert fast_w == pytest.approx(exact_w, rel=1e-5) and fast_u == pytest.approx(exact_u, rel=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_ranking_precision_follows_the_bit_width(bits):
+    """4-bit iterates differ by less than float32 rounding of ``‖Y‖²``-sized terms: they are ranked in float64."""
+    torch.manual_seed(0)
+    w = torch.randn(1, 6, 40, dtype=torch.float64)
+    x = torch.randn(1, 40, 500, dtype=torch.float32) + 3.0  # a large mean makes the float32 cancellation visible
+    y = (w.float() @ x) * 1.001
+    solver = LayerSolver(w, None, UniformGrid(bits, "nozero"), True, SolverSettings(solver="cholesky"), 500)
+    solver.add(x, y)
+    wb = w * 1.0005
+    exact = solver.weighted.error(wb, exact=True)
+    ranked = solver._rank(wb)
+    if bits >= 4:
+        assert ranked == exact
+    else:
+        assert ranked == solver.weighted.error(wb, exact=False) and ranked != exact
