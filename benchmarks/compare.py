@@ -242,7 +242,7 @@ def load_volume(path: str, normalize: str = "nonzero", is_label: bool = False) -
     (:func:`monai_efficientq.cli.normalize_volume`)."""
     from monai.transforms import LoadImage
 
-    from monai_efficientq.cli import normalize_volume
+    from monai_efficientq.io import normalize_volume
 
     img = LoadImage(image_only=True, ensure_channel_first=True)(path)
     t = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(np.asarray(img))

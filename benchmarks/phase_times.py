@@ -58,7 +58,7 @@ def run(
         out: write the report JSON here.
     """
     from monai_efficientq import EfficientQConfig, quantize_network
-    from monai_efficientq.cli import build_network, load_calibration_volume, load_float_weights
+    from monai_efficientq.io import build_network, load_calibration_volume, load_float_weights
 
     if threads:
         torch.set_num_threads(int(threads))

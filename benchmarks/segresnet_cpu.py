@@ -32,7 +32,7 @@ def _network():
 
 
 def _volume(path: str, size: int):
-    from monai_efficientq.cli import load_calibration_volume
+    from monai_efficientq.io import load_calibration_volume
 
     return load_calibration_volume(path, roi_size=size, crop="foreground", divisible_by=16, normalize="nonzero")
 
@@ -43,7 +43,7 @@ def _one(args: dict, queue) -> None:
     import torch
 
     from monai_efficientq import EfficientQConfig, quantize_network, save_quantized
-    from monai_efficientq.cli import load_float_weights
+    from monai_efficientq.io import load_float_weights
 
     torch.set_num_threads(args["threads"])
     net = _network()

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .modules import quantization_info
+
 __all__ = [
     "default_bundle_root",
     "cli_value",
@@ -428,9 +430,8 @@ def load_network(net: nn.Module, path: str | os.PathLike, device: Any = None) ->
     """``net`` with the weights of ``path`` loaded IN PLACE: a packed checkpoint makes it the quantized network,
     a float state dict (or ``{"model": state_dict}``) is loaded as usual. Returns ``net`` in eval mode.
     """
-    from .checkpoint import load_quantized
-    from .cli import load_float_weights
-    from .handlers import install_quantized
+    from .checkpoint import load_quantized_
+    from .io import load_float_weights
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -439,7 +440,7 @@ def load_network(net: nn.Module, path: str | os.PathLike, device: Any = None) ->
         net.to(device)
     if is_packed_checkpoint(path):
         ref = next(iter(list(net.parameters()) + list(net.buffers())), None)
-        install_quantized(net, load_quantized(net, path, map_location=ref.device if ref is not None else "cpu"))
+        load_quantized_(net, path, map_location=ref.device if ref is not None else "cpu")
     else:
         load_float_weights(net, path)
     return net.eval()
@@ -480,9 +481,9 @@ def export_torchscript(
     if meta_file is not None and os.path.isfile(meta_file):
         with open(meta_file, encoding="utf-8") as f:
             meta = json.load(f)
-    quant_info = getattr(network, "efficientq_info", None)
+    quant_info = quantization_info(network)
     if quant_info is not None:
-        meta["efficientq"] = {"config": quant_info.get("config", {})}
+        meta["efficientq"] = {"config": quant_info.config}
     more = {k: json.dumps(v).encode("utf-8") for k, v in (extra_files or {}).items()}
     os.makedirs(os.path.dirname(os.path.abspath(filepath)) or ".", exist_ok=True)
     save_net_with_metadata(
@@ -529,5 +530,5 @@ class QuantizedCheckpointLoader:
         from .handlers import _unwrap
 
         load_network(_unwrap(net), self.load_path)
-        kind = "quantized" if hasattr(_unwrap(net), "efficientq_info") else "float"
+        kind = "quantized" if quantization_info(_unwrap(net)) is not None else "float"
         self.logger.info("Restored %s weights from %s.", kind, self.load_path)

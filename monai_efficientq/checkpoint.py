@@ -26,7 +26,14 @@ import torch
 from torch import nn
 
 from .folding import set_submodule
-from .modules import QuantizedMixin, build_quantized, float_type_name
+from .modules import (
+    QuantizedMixin,
+    QuantizedNetInfo,
+    build_quantized,
+    float_type_name,
+    quantization_info,
+    set_quantization_info,
+)
 from .layers import weight_matrix
 from .quantizer import ActQuantizer, pack_codes, unpack_codes
 
@@ -37,8 +44,10 @@ __all__ = [
     "atomic_write",
     "packed_state",
     "packed_size",
+    "read_packed",
     "save_quantized",
     "load_quantized",
+    "load_quantized_",
     "dequantized_state_dict",
     "save_dequantized",
 ]
@@ -107,14 +116,14 @@ def packed_state(qnet: nn.Module, report: Any = None) -> dict[str, Any]:
             else {"bits": act.bits, "signed": act.signed, "step": float(act.step), "offset": float(act.offset)},
         }
     float_state = {k: v.detach().cpu().clone() for k, v in qnet.state_dict().items() if k not in skip_keys}
-    info = getattr(qnet, "efficientq_info", {})
+    info = quantization_info(qnet) or QuantizedNetInfo()
     state = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "folded_batchnorm": [list(p) for p in info.get("folded_batchnorm", [])],
+        "folded_batchnorm": [list(p) for p in info.folded_batchnorm],
         "layers": layers,
         "float_state": float_state,
-        "config": dict(info.get("config", {})),
+        "config": dict(info.config),
     }
     if report is not None:
         state["report"] = report.to_dict() if hasattr(report, "to_dict") else dict(report)
@@ -177,7 +186,13 @@ def save_quantized(qnet: nn.Module, path: str | os.PathLike, report: Any = None)
     return os.fspath(path)
 
 
-def _read(path: str | os.PathLike, map_location: Any) -> dict[str, Any]:
+def read_packed(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checked dict of a packed checkpoint (format, version, layers, float state, config, report).
+
+    Args:
+        path: a file written by :func:`save_quantized`.
+        map_location: where its tensors are loaded (as in ``torch.load``).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"packed checkpoint not found: {path}")
@@ -227,52 +242,31 @@ def load_quantized(net: nn.Module, path: str | os.PathLike, map_location: Any = 
         CheckpointFormatError: the file is not a packed checkpoint, or it does not fit ``net``
             (missing or unexpected layers, different shapes).
     """
-    state = _read(path, map_location)
-    qnet = _rebuild(net, state, os.fspath(path))
-    return qnet.to(map_location) if map_location is not None else qnet
-
-
-def _rebuild(net: nn.Module, state: dict[str, Any], source: str) -> nn.Module:
     import copy
 
-    qnet = copy.deepcopy(net).eval()
-    problems: list[str] = []
-    for conv_name, bn_name in state["folded_batchnorm"]:
-        try:
-            bn = qnet.get_submodule(bn_name)
-        except AttributeError:
-            problems.append(f"folded BatchNorm '{bn_name}' does not exist in {type(net).__name__}")
-            continue
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            problems.append(f"'{bn_name}' is a {type(bn).__name__}, the checkpoint expects a BatchNorm there")
-            continue
-        set_submodule(qnet, bn_name, nn.Identity())
-    for name, entry in state["layers"].items():
-        try:
-            module = qnet.get_submodule(name)
-        except AttributeError:
-            problems.append(f"layer '{name}' ({entry['type']}) does not exist in {type(net).__name__}")
-            continue
-        if float_type_name(module) != entry["type"]:
-            problems.append(f"layer '{name}' is a {type(module).__name__}, the checkpoint holds a {entry['type']}")
-            continue
-        if list(module.weight.shape) != list(entry["weight_shape"]):
-            problems.append(
-                f"layer '{name}' has weight shape {list(module.weight.shape)}, the checkpoint {entry['weight_shape']}"
-            )
-            continue
-        if problems:
-            continue
-        set_submodule(qnet, name, _layer_from_entry(module, entry))
+    return load_quantized_(copy.deepcopy(net), path, map_location)
+
+
+def load_quantized_(net: nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+    """:func:`load_quantized` in place: the layers of ``net`` are replaced by the checkpoint's quantized layers,
+    so every holder of ``net`` (an engine, a wrapper) runs the quantized network. The checkpoint is checked
+    against ``net`` before anything is changed. Returns ``net`` (eval mode, on ``map_location``)."""
+    state = read_packed(path, map_location)
+    source = os.fspath(path)
+    problems = _misfits(net, state)
     if problems:
         raise CheckpointFormatError(
             f"{source} does not fit this network: " + "; ".join(problems) + ". Use the network definition "
             f"(class and arguments) the model was quantized with."
         )
-    missing, unexpected = qnet.load_state_dict(state["float_state"], strict=False)
+    for _, bn_name in state["folded_batchnorm"]:
+        set_submodule(net, bn_name, nn.Identity())
+    for name, entry in state["layers"].items():
+        set_submodule(net, name, _layer_from_entry(net.get_submodule(name), entry))
+    missing, unexpected = net.load_state_dict(state["float_state"], strict=False)
     quantized_keys = {
         (f"{n}." if n else "") + k
-        for n, m in qnet.named_modules()
+        for n, m in net.named_modules()
         if isinstance(m, QuantizedMixin)
         for k in m.state_dict()
     }
@@ -282,8 +276,35 @@ def _rebuild(net: nn.Module, state: dict[str, Any], source: str) -> nn.Module:
             f"{source} does not fit this network: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}. "
             f"Use the network definition (class and arguments) the model was quantized with."
         )
-    qnet.efficientq_info = {"folded_batchnorm": state["folded_batchnorm"], "config": state.get("config", {})}
-    return qnet.eval()
+    set_quantization_info(net, QuantizedNetInfo(state["folded_batchnorm"], state.get("config", {})))
+    net.eval()
+    return net.to(map_location) if map_location is not None else net
+
+
+def _misfits(net: nn.Module, state: dict[str, Any]) -> list[str]:
+    """What in the packed ``state`` does not fit ``net`` (its folded BatchNorms and quantized layers)."""
+    problems: list[str] = []
+    for _, bn_name in state["folded_batchnorm"]:
+        try:
+            bn = net.get_submodule(bn_name)
+        except AttributeError:
+            problems.append(f"folded BatchNorm '{bn_name}' does not exist in {type(net).__name__}")
+            continue
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            problems.append(f"'{bn_name}' is a {type(bn).__name__}, the checkpoint expects a BatchNorm there")
+    for name, entry in state["layers"].items():
+        try:
+            module = net.get_submodule(name)
+        except AttributeError:
+            problems.append(f"layer '{name}' ({entry['type']}) does not exist in {type(net).__name__}")
+            continue
+        if float_type_name(module) != entry["type"]:
+            problems.append(f"layer '{name}' is a {type(module).__name__}, the checkpoint holds a {entry['type']}")
+        elif list(module.weight.shape) != list(entry["weight_shape"]):
+            problems.append(
+                f"layer '{name}' has weight shape {list(module.weight.shape)}, the checkpoint {entry['weight_shape']}"
+            )
+    return problems
 
 
 def _layer_from_entry(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
@@ -314,7 +335,8 @@ def dequantized_state_dict(qnet: nn.Module, net: nn.Module) -> dict[str, torch.T
     """
     q_state = qnet.state_dict()
     out: dict[str, torch.Tensor] = {}
-    pairs = getattr(qnet, "efficientq_info", {}).get("folded_batchnorm", [])
+    info = quantization_info(qnet)
+    pairs = info.folded_batchnorm if info is not None else []
     bn_of = {bn: conv for conv, bn in pairs}
     for key, ref in net.state_dict().items():
         module_name, _, leaf = key.rpartition(".")

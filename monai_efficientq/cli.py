@@ -5,174 +5,15 @@ Run ``monai-efficientq quantize --help`` for every flag.
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
-import torch
-from torch import nn
+from .io import build_network, load_calibration, load_float_weights
 
-__all__ = ["quantize", "report", "build_network", "load_float_weights", "load_calibration_volume", "main"]
+__all__ = ["quantize", "report", "main"]
 
 logger = logging.getLogger("monai_efficientq")
-
-
-def _parse_mapping(value: Any, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    try:
-        parsed = json.loads(value)
-    except (TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{what} must be a JSON object, e.g. '{{\"in_channels\": 1}}'; got {value!r}.") from err
-    if not isinstance(parsed, dict):
-        raise ValueError(f"{what} must be a JSON object; got {value!r}.")
-    return parsed
-
-
-def build_network(
-    network: str | None = None,
-    network_kwargs: Any = None,
-    config_file: str | Sequence[str] | None = None,
-    network_id: str = "network_def",
-    bundle_root: str | None = None,
-) -> nn.Module:
-    """The float network: from a dotted class path plus kwargs, or from a MONAI bundle config and the id of
-    its network definition.
-
-    Args:
-        network: dotted class path, e.g. ``monai.networks.nets.SegResNet``.
-        network_kwargs: constructor arguments (a dict or JSON text).
-        config_file: a bundle config file (or a list merged left to right).
-        network_id: id of the network definition in the config.
-        bundle_root: value of ``bundle_root`` in the config (default: the folder above the config's folder).
-    """
-    if (network is None) == (config_file is None):
-        raise ValueError("give either --network (a dotted class path) or --config_file (a bundle config), not both.")
-    if config_file is not None:
-        from monai.bundle import ConfigParser
-
-        files = [config_file] if isinstance(config_file, str) else list(config_file)
-        for f in files:
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"bundle config not found: {f}")
-        parser = ConfigParser()
-        parser.read_config(files)
-        root = bundle_root or os.path.dirname(os.path.dirname(os.path.abspath(files[0])))
-        parser["bundle_root"] = root
-        if network_id not in parser:
-            raise KeyError(f"{files[0]} has no id '{network_id}': pass --network_id with the id of the network definition.")
-        return parser.get_parsed_content(network_id)
-    module_name, _, class_name = network.rpartition(".")
-    if not module_name:
-        raise ValueError(f"--network must be a dotted path like monai.networks.nets.SegResNet, got {network!r}.")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import network class {network!r}: {err}") from err
-    kwargs = _parse_mapping(network_kwargs, "--network_kwargs")
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"cannot build {network} with {kwargs}: {err}") from err
-
-
-def load_float_weights(net: nn.Module, checkpoint: str) -> nn.Module:
-    """Load a float checkpoint (a state dict, or a dict holding one under ``model``/``state_dict``/``network``)
-    into ``net``, with a clear error for missing or unexpected keys and shape mismatches.
-    """
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"float checkpoint not found: {checkpoint}")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{checkpoint} is not a readable torch checkpoint of tensors: {err}") from err
-    if isinstance(state, dict) and state.get("format") == "monai-efficientq":
-        raise ValueError(f"{checkpoint} is already a packed quantized checkpoint: load it with load_quantized.")
-    for key in ("model", "state_dict", "network"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise ValueError(f"{checkpoint} does not hold a state dict (got {type(state).__name__}).")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
-              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[:3]})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es) (e.g. {shapes[:2]})")
-        raise ValueError(
-            f"{checkpoint} does not match the network {type(net).__name__}: " + "; ".join(parts)
-            + ". Check the network definition and its arguments (e.g. channels, init_filters)."
-        )
-    net.load_state_dict(state)
-    return net.eval()
-
-
-def load_calibration_volume(
-    path: str,
-    roi_size: Any = None,
-    crop: str = "foreground",
-    divisible_by: int = 16,
-    normalize: str = "nonzero",
-) -> torch.Tensor:
-    """Read a calibration image (NIfTI or anything MONAI ``LoadImage`` reads) channel-first, normalise and crop it.
-
-    Args:
-        path: image file.
-        roi_size: crop size (int or per-dimension list; ``None`` = the full volume).
-        crop: ``"foreground"`` (centred on the body, input ≠ 0) or ``"center"``.
-        divisible_by: pad each spatial size to a multiple of this (the network's down-sampling factor).
-        normalize: one of :data:`NORMALIZE_MODES` (see :func:`normalize_volume`; default z-score over the
-            non-zero voxels of each channel).
-    """
-    from monai.transforms import LoadImage
-
-    from .transforms import CalibrationCrop
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"calibration volume not found: {path}")
-    image = normalize_volume(LoadImage(image_only=True, ensure_channel_first=True)(path), normalize)
-    image = CalibrationCrop(roi_size, mode=crop, divisible_by=divisible_by)(image)
-    return torch.as_tensor(image).float()
-
-
-NORMALIZE_MODES = ("nonzero", "all", "minmax", "none")
-
-
-def normalize_volume(image: Any, normalize: str = "nonzero") -> Any:
-    """Intensity-normalise a channel-first image as the networks were trained.
-
-    Args:
-        image: channel-first image (MetaTensor, tensor or numpy array).
-        normalize: ``"nonzero"`` (z-score over the non-zero voxels of each channel, as
-            ``NormalizeIntensity(nonzero=True, channel_wise=True)``), ``"all"`` (z-score over every voxel of
-            each channel), ``"minmax"`` (scale to [0, 1]) or ``"none"``.
-    """
-    from monai.transforms import NormalizeIntensity, ScaleIntensity
-
-    if normalize == "nonzero":
-        return NormalizeIntensity(nonzero=True, channel_wise=True)(image)
-    if normalize == "all":
-        return NormalizeIntensity(channel_wise=True)(image)
-    if normalize == "minmax":
-        return ScaleIntensity()(image)
-    if normalize != "none":
-        raise ValueError(f"--normalize={normalize!r} is not supported: use {', '.join(NORMALIZE_MODES)}.")
-    return image
 
 
 def quantize(
@@ -223,7 +64,8 @@ def quantize(
         output: packed checkpoint to write (written atomically).
         report_path: report JSON to write (default: OUTPUT with .json; a .md is written beside it).
         dequantized: optional path of a dequantized float state dict the original network loads.
-        calib_label: optional label image of the calibration volume (used with --attention label).
+        calib_label: optional label image of the calibration volume (used with --attention label); cropped with
+            the volume's box.
         roi_size: calibration crop size, an int or a list like [96,96,96]; default the whole volume.
         crop: foreground (centre the crop on the body, input != 0) or center.
         divisible_by: pad the crop to a multiple of this (the network's down-sampling factor).
@@ -262,17 +104,7 @@ def quantize(
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     net = build_network(network, network_kwargs, config_file, network_id, bundle_root)
     load_float_weights(net, checkpoint)
-    calib_volume = load_calibration_volume(calib, roi_size, crop, divisible_by, normalize)
-    label = None
-    if calib_label is not None:
-        if roi_size is not None:
-            raise ValueError("--calib_label with --roi_size is not supported here: crop both with the CalibrationCropd transform.")
-        from monai.transforms import LoadImage
-
-        label = LoadImage(image_only=True, ensure_channel_first=True)(calib_label)
-        label = torch.as_tensor(label)
-        if list(label.shape[1:]) != list(calib_volume.shape[1:]):
-            raise ValueError(f"--calib_label shape {list(label.shape[1:])} differs from the calibration volume {list(calib_volume.shape[1:])}.")
+    calib_volume, label = load_calibration(calib, calib_label, roi_size, crop, divisible_by, normalize)
     qnet, rep = quantize_network(net, calib_volume, cfg, label=label)
     save_quantized(qnet, output, rep)
     rep.to_json(report_path)
@@ -291,7 +123,7 @@ def report(path: str) -> str:
     Args:
         path: a report JSON written by `quantize`, or a packed checkpoint saved with its report.
     """
-    from .checkpoint import _read
+    from .checkpoint import read_packed
     from .report import QuantizationReport
 
     if not os.path.isfile(path):
@@ -299,7 +131,7 @@ def report(path: str) -> str:
     if path.endswith(".json"):
         rep = QuantizationReport.from_json(path)
     else:
-        state = _read(path, "cpu")
+        state = read_packed(path, "cpu")
         if "report" not in state:
             raise ValueError(f"{path} was saved without a report; look for the .json written beside it.")
         rep = QuantizationReport.from_dict(state["report"])

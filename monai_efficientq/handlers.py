@@ -6,6 +6,7 @@ MONAI's own handlers, so the core stays usable without it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -19,7 +20,7 @@ from torch import nn
 
 from .checkpoint import save_dequantized, save_quantized
 from .config import PRESETS, EfficientQConfig
-from .network import quantize_network
+from .network import quantize_
 from .report import QuantizationReport
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -103,30 +104,6 @@ def _check_writable(path: str | os.PathLike, what: str) -> str:
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"{what}: {path!r} exists and is not writable.")
     return path
-
-
-def install_quantized(net: nn.Module, qnet: nn.Module) -> None:
-    """Make ``net`` the quantized network in place: every holder of the ``net`` object sees ``qnet``'s layers.
-
-    The top-level children, the root's own parameters and buffers and ``efficientq_info`` of ``qnet`` are
-    moved onto ``net``; its train/eval mode is kept.
-    """
-    training = net.training
-    if type(qnet) is not type(net):  # the root itself was replaced (a bare quantizable layer)
-        net.__class__ = type(qnet)
-        net.__dict__.update(qnet.__dict__)
-    else:
-        for name in list(net._modules):
-            if name not in qnet._modules:
-                delattr(net, name)
-        for name, child in qnet.named_children():
-            setattr(net, name, child)
-        for name, param in qnet.named_parameters(recurse=False):
-            net._parameters[name] = param
-        for name, buf in qnet.named_buffers(recurse=False):
-            net._buffers[name] = buf
-    net.efficientq_info = qnet.efficientq_info
-    net.train(training)
 
 
 def _spatial_dims(net: nn.Module) -> int:
@@ -327,21 +304,19 @@ class EfficientQHandler:
             type(net).__name__, cfg.weight_bits, cfg.act_bits if cfg.act_bits is not None else "-", cfg.method,
             tuple(image.shape),
         )
-        qnet, report = quantize_network(
-            net, image, config=cfg, label=label, attention_map=attention, logger=self.logger
-        )
-        qnet.to(net_device)
+        float_net = copy.deepcopy(net) if self.dequantized_path is not None else None  # the keys to export to
+        report = quantize_(net, image, config=cfg, label=label, attention_map=attention, logger=self.logger)
+        net.to(net_device)
         if self.save_path is not None:
-            save_quantized(qnet, self.save_path, report)
+            save_quantized(net, self.save_path, report)
             self.logger.info("EfficientQ: packed checkpoint saved to %s", os.fspath(self.save_path))
         if self.dequantized_path is not None:
-            save_dequantized(qnet, net, self.dequantized_path)
+            save_dequantized(net, float_net, self.dequantized_path)
             self.logger.info("EfficientQ: dequantized float state dict saved to %s", os.fspath(self.dequantized_path))
         if self.report_path is not None:
             report.to_json(self.report_path)
             report.to_markdown(os.path.splitext(os.fspath(self.report_path))[0] + ".md")
             self.logger.info("EfficientQ: report written to %s", os.fspath(self.report_path))
-        install_quantized(net, qnet)
         self.report = report
         self.quantized = True
         engine.state.efficientq_report = report

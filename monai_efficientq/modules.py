@@ -8,6 +8,7 @@ Its input passes through ``input_quant`` first (an :class:`~monai_efficientq.qua
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,7 +29,37 @@ __all__ = [
     "QuantizedLinear",
     "quantized_class_for",
     "build_quantized",
+    "QuantizedNetInfo",
+    "quantization_info",
+    "set_quantization_info",
 ]
+
+_INFO_ATTRIBUTE = "efficientq_quantization"
+
+
+@dataclass
+class QuantizedNetInfo:
+    """What a quantized network carries besides its layers, for saving and exporting it.
+
+    Attributes:
+        folded_batchnorm: the ``[conv, batchnorm]`` name pairs folded before quantizing (the BatchNorms are
+            ``nn.Identity`` in the quantized network; a dequantized export gives them identity statistics).
+        config: the settings it was quantized with (``EfficientQConfig.to_dict()``).
+    """
+
+    folded_batchnorm: list[list[str]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def quantization_info(net: nn.Module) -> QuantizedNetInfo | None:
+    """The :class:`QuantizedNetInfo` of a network quantized by this package, or ``None`` for a float network."""
+    info = getattr(net, _INFO_ATTRIBUTE, None)
+    return info if isinstance(info, QuantizedNetInfo) else None
+
+
+def set_quantization_info(net: nn.Module, info: QuantizedNetInfo) -> None:
+    """Attach ``info`` to ``net`` (done by the quantizing and loading functions)."""
+    setattr(net, _INFO_ATTRIBUTE, info)
 
 
 class QuantizedMixin:

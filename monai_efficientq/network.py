@@ -1,6 +1,6 @@
-"""The network driver: :func:`quantize_network`, the one verb of the package.
+"""The network driver: :func:`quantize_` (in place) and :func:`quantize_network` (on a copy).
 
-Order of work (SPEC §1.1): fold BatchNorm, record float targets, build attention from the float
+Order of work (as in the paper's Algorithm 1, layer by layer): fold BatchNorm, record float targets, build attention from the float
 prediction, then one forward pass in which every quantizable layer, when reached, fits its input quantizer
 on the input as it arrives through the already-quantized layers before it, solves its weights and passes its
 quantized output on.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,11 +35,11 @@ from .layers import (
     subsampled_forward,
     weight_matrix,
 )
-from .modules import QuantizedMixin, build_quantized
+from .modules import QuantizedMixin, QuantizedNetInfo, build_quantized, quantization_info, set_quantization_info
 from .quantizer import ActQuantizer, UniformGrid
 from .report import LayerRecord, QuantizationReport
 from .solver import LayerSolution, LayerSolver, SolverSettings
-from .timing import PhaseTimer
+from .timing import PhaseTimer, peak_memory
 
 __all__ = ["quantize_network", "prepare_calibration", "quantizable_layers", "LayerCalledTwiceError"]
 
@@ -112,12 +111,6 @@ def prepare_calibration(net: nn.Module, calib_volume: Any) -> torch.Tensor:
     if not bool((x != 0).any()):
         raise ValueError("calibration volume is all zeros: it carries no signal to calibrate on; use a real image.")
     return x
-
-
-def _peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
 
 def _state_bytes(net: nn.Module) -> int:
@@ -457,20 +450,23 @@ def _agreement_dice(ref: torch.Tensor, out: torch.Tensor, multi_label: bool) -> 
 
 
 @torch.no_grad()
-def quantize_network(
+def quantize_(
     net: nn.Module,
     calib_volume: Any,
     config: EfficientQConfig | None = None,
     label: Any = None,
     attention_map: Any = None,
     logger: logging.Logger | None = None,
-) -> tuple[nn.Module, QuantizationReport]:
-    """Quantize a trained float network post-training from one calibration volume.
+) -> QuantizationReport:
+    """Quantize a trained float network in place, post-training, from one calibration volume.
 
-    The input network is not changed: a copy is folded and quantized.
+    Conv→BatchNorm pairs of ``net`` are folded and every quantizable layer is replaced by its quantized
+    counterpart (:mod:`~monai_efficientq.modules`), so every holder of ``net`` (an engine, a wrapper) runs the
+    quantized network. ``net`` is moved to ``config.device`` and keeps its train/eval mode.
 
     Args:
-        net: the trained float network (any torch module built from Conv/ConvTranspose/Linear layers).
+        net: the trained float network (any torch module built from Conv/ConvTranspose/Linear layers; a bare
+            layer cannot be replaced in place: use :func:`quantize_network`).
         calib_volume: one calibration volume, channel-first ``(C, *S)`` or batched ``(N, C, *S)``
             (tensor, MetaTensor or numpy array), preprocessed as the network expects, of a size it accepts.
         config: the settings (default ``EfficientQConfig()``: W2, float activations, 8-bit first/last).
@@ -480,34 +476,84 @@ def quantize_network(
         logger: where per-layer results are logged (default: the ``monai_efficientq`` logger).
 
     Returns:
-        ``(quantized network, report)``. The quantized network holds :mod:`~monai_efficientq.modules`
-        layers; save it with :func:`~monai_efficientq.checkpoint.save_quantized`.
+        the report; save the network with :func:`~monai_efficientq.checkpoint.save_quantized`.
     """
+    if is_quantizable(net):
+        raise ValueError(
+            f"quantize_ replaces the layers inside a network, and {type(net).__name__} is itself one layer: use "
+            f"quantize_network, which returns a new quantized layer."
+        )
     cfg = config if config is not None else EfficientQConfig()
     log = logger or _logger
     t_start = time.perf_counter()
     param = next(net.parameters(), None)
     device = torch.device(cfg.device) if cfg.device else (param.device if param is not None else torch.device("cpu"))
-    target_device = torch.device(cfg.target_device) if cfg.target_device else device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = PhaseTimer(device)
+    training = net.training
+    net.eval().to(device)
+    try:
+        report = _quantize_in_place(net, calib_volume, cfg, label, attention_map, log, device, timer)
+    finally:
+        net.train(training)
+    report.total_seconds = time.perf_counter() - t_start
+    report.phase_seconds = _with_other(timer.snapshot(), report.total_seconds)
+    log.info(
+        "EfficientQ done in %.1f s: %d layers quantized, %d left float, %.1fx smaller. Time: %s.",
+        report.total_seconds, len(report.layers), len(report.float_layers), report.compression,
+        ", ".join(f"{k} {v:.1f} s" for k, v in report.phase_seconds.items() if v >= 0.05),
+    )
+    return report
+
+
+def quantize_network(
+    net: nn.Module,
+    calib_volume: Any,
+    config: EfficientQConfig | None = None,
+    label: Any = None,
+    attention_map: Any = None,
+    logger: logging.Logger | None = None,
+) -> tuple[nn.Module, QuantizationReport]:
+    """Quantize a copy of a trained float network: :func:`quantize_` on a deep copy; ``net`` is not changed.
+
+    Args: as :func:`quantize_`; ``net`` may also be a bare quantizable layer.
+
+    Returns:
+        ``(quantized network in eval mode, report)``.
+    """
+    holder = nn.Sequential(copy.deepcopy(net)) if is_quantizable(net) else None
+    qnet = copy.deepcopy(net).eval() if holder is None else holder.eval()
+    report = quantize_(qnet, calib_volume, config, label, attention_map, logger)
+    if holder is not None:
+        qnet = holder[0]
+        set_quantization_info(qnet, quantization_info(holder))
+        for record in report.layers:
+            record.name = record.name.partition(".")[2] if "." in record.name else ""
+    return qnet, report
+
+
+def _quantize_in_place(
+    net: nn.Module, calib_volume: Any, cfg: EfficientQConfig, label: Any, attention_map: Any, log: logging.Logger,
+    device: torch.device, timer: PhaseTimer,
+) -> QuantizationReport:
+    """The body of :func:`quantize_` on ``net`` (in eval mode on ``device``)."""
+    target_device = torch.device(cfg.target_device) if cfg.target_device else device
     with timer("setup"):
         x, label, attention_map, given_volumes, given_shape, holdout = _calibration_batch(
             net, calib_volume, label, attention_map, cfg, device, log
         )
-        qnet = copy.deepcopy(net).eval().to(device)
-        float_bytes = _state_bytes(qnet)
-        pairs, float_out = _fold(qnet, net, x, log)
+        float_bytes = _state_bytes(net)
+        pairs, float_out, unfolded = _fold(net, x, log)
     with timer("targets"):
-        qnet, pairs, layers, recorder = _record_targets(qnet, net, pairs, float_out, x, cfg, target_device, log)
+        pairs, layers, recorder = _record_targets(net, pairs, float_out, x, cfg, target_device, log, unfolded)
     with timer("attention"):
         body = (x != 0).any(dim=1) if x.dim() >= 3 else None
         attention = _attention(cfg, float_out, x, body, label, attention_map)
     edges: set[str] | None = None
     if cfg.first_last_bits is not None:  # by data flow: every layer that reads the input or writes the output
         with timer("edges"):
-            first, last = edge_layers(qnet, x, {n: layers[n] for n in recorder.order})
+            first, last = edge_layers(net, x, {n: layers[n] for n in recorder.order})
         edges = set(first) | set(last)
         log.info("First layers (input): %s; last layers (output): %s.", ", ".join(first), ", ".join(last))
     progress = _progress_bar(len(recorder.order), cfg.progress)
@@ -520,35 +566,27 @@ def quantize_network(
         cfg.act_bits if cfg.act_bits is not None else "-", cfg.preset, device,
     )
     for name in recorder.order:
-        set_submodule(qnet, name, _PendingLayer(name, layers[name], run))
+        set_submodule(net, name, _PendingLayer(name, layers[name], run))
     try:
-        q_out = qnet(x)
+        q_out = net(x)
     finally:
         if progress is not None:
             progress.close()
         for name in recorder.order:
-            set_submodule(qnet, name, run.quantized.get(name, layers[name]))
-    qnet.efficientq_info = {"folded_batchnorm": [list(p) for p in pairs], "config": cfg.to_dict()}
+            set_submodule(net, name, run.quantized.get(name, layers[name]))
+    set_quantization_info(net, QuantizedNetInfo([list(p) for p in pairs], cfg.to_dict()))
 
     from .checkpoint import packed_size
 
     with timer("finish"):
-        peak, kind = _peak_memory(device)
-        report = QuantizationReport(
+        peak, kind = peak_memory(device)
+        return QuantizationReport(
             config=cfg.to_dict(), layers=run.records,
-            float_layers=_float_layer_list(qnet, layers, recorder.order, cfg),
+            float_layers=_float_layer_list(net, layers, recorder.order, cfg),
             folded_batchnorm=[list(p) for p in pairs], peak_memory_mb=peak, peak_memory_kind=kind,
-            float_bytes=float_bytes, packed_bytes=packed_size(qnet), calibration_shape=given_shape,
+            float_bytes=float_bytes, packed_bytes=packed_size(net), calibration_shape=given_shape,
             device=str(device), calib_agreement_dice=_agreement_dice(float_out, q_out, cfg.prediction == "sigmoid"),
         )
-    report.total_seconds = time.perf_counter() - t_start
-    report.phase_seconds = _with_other(timer.snapshot(), report.total_seconds)
-    log.info(
-        "EfficientQ done in %.1f s: %d layers quantized, %d left float, %.1fx smaller. Time: %s.",
-        report.total_seconds, len(report.layers), len(report.float_layers), report.compression,
-        ", ".join(f"{k} {v:.1f} s" for k, v in report.phase_seconds.items() if v >= 0.05),
-    )
-    return qnet, report
 
 
 def _with_other(phases: dict[str, float], total: float) -> dict[str, float]:
@@ -588,42 +626,44 @@ def _calibration_batch(
 
 
 def _record_targets(
-    qnet: nn.Module, net: nn.Module, pairs: list, float_out: torch.Tensor, x: torch.Tensor, cfg: EfficientQConfig,
-    target_device: torch.device, log: logging.Logger,
-) -> tuple[nn.Module, list, dict[str, nn.Module], _TargetRecorder]:
-    """Record every layer's float output on ``x``; if folding BatchNorm changed the float output, start again from
-    an unfolded copy. Returns ``(qnet, pairs, layers, recorder)``."""
-    for attempt in range(2):
-        layers = quantizable_layers(qnet, cfg.skip_layers)
-        recorder = _TargetRecorder(layers, target_device)
-        try:
-            out = _first_tensor(qnet(x))
-        finally:
-            recorder.remove()
-        tolerance = 1e-4 * float(float_out.abs().max())
-        if attempt or not pairs or torch.allclose(out, float_out, rtol=1e-3, atol=tolerance):
-            break
+    net: nn.Module, pairs: list, float_out: torch.Tensor, x: torch.Tensor, cfg: EfficientQConfig,
+    target_device: torch.device, log: logging.Logger, unfolded: dict[str, nn.Module],
+) -> tuple[list, dict[str, nn.Module], _TargetRecorder]:
+    """Record every layer's float output on ``x``; if folding BatchNorm changed the float output, put the
+    ``unfolded`` modules back and record again. Returns ``(pairs, layers, recorder)``."""
+    layers = quantizable_layers(net, cfg.skip_layers)
+    recorder = _TargetRecorder(layers, target_device)
+    try:
+        out = _first_tensor(net(x))
+    finally:
+        recorder.remove()
+    tolerance = 1e-4 * float(float_out.abs().max())
+    if pairs and not torch.allclose(out, float_out, rtol=1e-3, atol=tolerance):
         log.warning("Folding BatchNorm changed the float output; quantizing without folding instead.")
-        qnet, pairs = copy.deepcopy(net).eval().to(x.device), []
+        for name, module in unfolded.items():
+            set_submodule(net, name, module)
+        return _record_targets(net, [], float_out, x, cfg, target_device, log, {})
     if not recorder.order:
         raise ValueError(f"no quantizable layer of {type(net).__name__} was called in its forward pass.")
-    return qnet, pairs, layers, recorder
+    return pairs, layers, recorder
 
 
-def _fold(qnet: nn.Module, net: nn.Module, x: torch.Tensor, log: logging.Logger) -> tuple[list, torch.Tensor]:
-    """Fold Conv→BatchNorm pairs of ``qnet`` in place; returns the pairs and the float output on ``x``."""
+def _fold(net: nn.Module, x: torch.Tensor, log: logging.Logger) -> tuple[list, torch.Tensor, dict[str, nn.Module]]:
+    """Fold Conv→BatchNorm pairs of ``net`` in place; returns the pairs, the float output on ``x`` and copies of
+    the modules as they were before folding, by name."""
     try:
-        pairs, output = find_conv_bn_pairs(qnet, x)
+        pairs, output = find_conv_bn_pairs(net, x)
     except Exception as err:
         raise RuntimeError(
             f"the float network failed on the calibration volume of shape {tuple(x.shape)}: {err}. Check that the "
             f"volume has the size the network accepts (e.g. divisible by its down-sampling factor) and channels."
         ) from err
     float_out = _first_tensor(output).clone()
+    originals = {name: copy.deepcopy(net.get_submodule(name)) for pair in pairs for name in pair}
     if pairs:
-        fold_batchnorm(qnet, pairs)
+        fold_batchnorm(net, pairs)
         log.info("Folded %d BatchNorm layers into the preceding convolutions.", len(pairs))
-    return pairs, float_out
+    return pairs, float_out, originals
 
 
 def _batched(data: Any, what: str, x: torch.Tensor) -> torch.Tensor | None:

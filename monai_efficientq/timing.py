@@ -8,6 +8,8 @@ ranges and the final error evaluation.
 
 from __future__ import annotations
 
+import math
+
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,3 +75,15 @@ class PhaseTimer:
         """The seconds per phase added since ``before`` (a :meth:`snapshot`), zero phases dropped."""
         now = self.snapshot()
         return {p: s - before.get(p, 0.0) for p, s in now.items() if s - before.get(p, 0.0) > 0}
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """The run's peak memory in MiB and what it measures: CUDA's max allocated on a GPU, else the process's peak
+    resident set (``nan`` where the platform has no ``resource`` module, e.g. Windows)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
+    try:
+        import resource
+    except ImportError:
+        return math.nan, "unavailable on this platform"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"

@@ -1,9 +1,9 @@
 """MONAI transforms that prepare EfficientQ calibration data.
 
 - :class:`CalibrationCrop` / :class:`CalibrationCropd`: a region of interest centred on the body (or the image
-  centre), padded so the network accepts it (SPEC §1.4).
+  centre), padded so the network accepts it.
 - :class:`AttentionMap` / :class:`AttentionMapd`: the self-adaptive, class-balanced per-voxel weights of the
-  method (SPEC §1.5) from a label or a prediction, to pass to
+  method (Zhang & Chung 2024, the self-adaptive attention) from a label or a prediction, to pass to
   :func:`~monai_efficientq.network.quantize_network` as ``attention_map`` (the handler's ``attention_key``).
 
 Both follow MONAI's conventions: channel-first inputs, numpy or torch in and the same type out, MetaTensor

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from monai_efficientq import load_quantized
-from monai_efficientq.cli import build_network, load_float_weights, quantize, report
+from monai_efficientq.cli import quantize, report
 
 from nets import tiny_segresnet
 
@@ -47,29 +47,6 @@ def test_quantize_writes_checkpoint_and_report(files, capsys):
     assert "| 0 |" in report(str(tmp / "out" / "q.json"))
 
 
-def test_bundle_config_network(tmp_path):
-    cfg = tmp_path / "configs" / "inference.json"
-    cfg.parent.mkdir()
-    cfg.write_text(json.dumps({"network_def": {"_target_": NET, **json.loads(KWARGS)}}))
-    net = build_network(config_file=str(cfg), network_id="network_def")
-    assert type(net).__name__ == "SegResNet"
-    with pytest.raises(KeyError, match="--network_id"):
-        build_network(config_file=str(cfg), network_id="nope")
-
-
-def test_checkpoint_that_does_not_match(files):
-    net, ckpt, img, tmp = files
-    other = build_network(NET, json.dumps({**json.loads(KWARGS), "init_filters": 16}))
-    with pytest.raises(ValueError, match="shape mismatch"):
-        load_float_weights(other, str(ckpt))
-    state = torch.load(ckpt)
-    state["extra.weight"] = torch.zeros(1)
-    del state["convInit.conv.weight"]
-    torch.save({"model": state}, tmp / "bad.pt")
-    with pytest.raises(ValueError, match="1 missing key.*1 unexpected key"):
-        load_float_weights(tiny_segresnet(), str(tmp / "bad.pt"))
-
-
 def test_wrong_channels_in_nifti(files):
     net, ckpt, img, tmp = files
     vol = np.random.default_rng(0).random((16, 16, 16, 2)).astype(np.float32)
@@ -95,20 +72,3 @@ def test_command_line_errors_are_clean(files):
                               capture_output=True, text=True, env={**env, "PAGER": "cat"})
     for flag in ("--weight_bits", "--act_bits", "--roi_size", "--preset", "--device", "--config_file"):
         assert flag in helptext.stdout + helptext.stderr
-
-
-def test_normalize_volume_is_channel_wise_over_nonzero_voxels():
-    from monai_efficientq.cli import normalize_volume
-
-    image = torch.zeros(2, 6, 6, 6)
-    image[0, 1:5, 1:5, 1:5] = torch.rand(4, 4, 4) * 100 + 50
-    image[1, 1:5, 1:5, 1:5] = torch.rand(4, 4, 4) * 0.01
-    out = torch.as_tensor(normalize_volume(image, "nonzero"))
-    for c in range(2):
-        inside = out[c][image[c] != 0]
-        assert abs(float(inside.mean())) < 1e-4 and abs(float(inside.std(unbiased=False)) - 1) < 1e-3
-        assert bool((out[c][image[c] == 0] == 0).all())
-    minmax = torch.as_tensor(normalize_volume(image, "minmax"))
-    assert float(minmax.min()) == 0.0 and float(minmax.max()) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="nonzero, all, minmax, none"):
-        normalize_volume(image, "zscore")

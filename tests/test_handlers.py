@@ -20,7 +20,7 @@ from torch import nn  # noqa: E402
 
 import monai_efficientq.handlers as handlers_mod  # noqa: E402
 from nets import tiny_unet_bn  # noqa: E402
-from monai_efficientq import EfficientQConfig, QuantizationReport, load_quantized, quantize_network  # noqa: E402
+from monai_efficientq import EfficientQConfig, QuantizationReport, load_quantized, quantization_info, quantize_, quantize_network  # noqa: E402,E501
 from monai_efficientq.handlers import EfficientQHandler  # noqa: E402
 from monai_efficientq.modules import QuantizedMixin  # noqa: E402
 from monai_efficientq.transforms import AttentionMapd, CalibrationCropd  # noqa: E402
@@ -67,9 +67,9 @@ def spy_quantize(monkeypatch) -> list:
         calls.append(
             {"calib": calib, "config": config, "label": label, "attention_map": attention_map, "logger": logger}
         )
-        return quantize_network(net, calib, config=config, label=label, attention_map=attention_map, logger=logger)
+        return quantize_(net, calib, config=config, label=label, attention_map=attention_map, logger=logger)
 
-    monkeypatch.setattr(handlers_mod, "quantize_network", spy)
+    monkeypatch.setattr(handlers_mod, "quantize_", spy)
     return calls
 
 
@@ -82,7 +82,7 @@ def test_bare_engine_quantizes_network_in_place():
     assert engine.has_event_handler(handler, Events.STARTED)  # not a trainer -> STARTED
     engine.run([0], max_epochs=1)
     assert engine.network is net and n_quantized(net) > 0
-    assert net.efficientq_info["config"]["iterations"] == 5
+    assert quantization_info(net).config["iterations"] == 5
     assert torch.equal(out(net, x), out(reference, x))
     assert engine.state.efficientq_report is handler.report
     assert len(handler.report.layers) == n_quantized(reference)

@@ -305,3 +305,47 @@ def test_original_preset_is_the_published_schedule_and_integer_weights(monkeypat
     _quantize(tiny_segresnet(), volume(16), iterations=2)
     assert seen == [True, False]
     assert report.config["class_weights"] == "integer" and report.config["rho_schedule"] == "after"
+
+
+def test_quantize_in_place_matches_the_copy_and_keeps_the_mode():
+    from monai_efficientq import quantize_, quantization_info
+
+    net, x = tiny_unet_bn(), volume(16)
+    qnet, report = _quantize(net, x, weight_bits=2)
+    holder = nn.ModuleDict({"model": net})  # e.g. an engine or a wrapper holding the same object
+    net.train()
+    report_ = quantize_(net, x, EfficientQConfig(weight_bits=2, iterations=40, progress=False))
+    assert holder["model"] is net and net.training
+    assert sum(isinstance(m, QuantizedMixin) for m in net.modules()) == len(report_.layers) == len(report.layers)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in net.modules())
+    assert quantization_info(net).folded_batchnorm == report.folded_batchnorm
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), qnet(x))
+
+
+def test_a_bare_layer_is_quantized_on_a_copy_only():
+    from monai_efficientq import quantize_
+
+    conv = nn.Conv3d(2, 4, 3, padding=1)
+    x = torch.randn(1, 2, 8, 8, 8)
+    with pytest.raises(ValueError, match="use quantize_network"):
+        quantize_(conv, x, EfficientQConfig(progress=False))
+    qconv, report = quantize_network(conv, x, EfficientQConfig(first_last_bits=None, iterations=5, progress=False))
+    assert isinstance(qconv, QuantizedMixin) and [r.name for r in report.layers] == [""]
+
+
+def test_folding_that_changes_the_output_is_undone(monkeypatch):
+    import monai_efficientq.network as network_mod
+    from monai_efficientq.folding import fold_batchnorm
+
+    def bad_fold(net, pairs):  # folds, then spoils one folded weight
+        fold_batchnorm(net, pairs)
+        net.get_submodule(pairs[0][0]).weight.mul_(3.0)
+
+    monkeypatch.setattr(network_mod, "fold_batchnorm", bad_fold)
+    net, x = tiny_unet_bn(), volume(16)
+    n_bn = sum(isinstance(m, nn.BatchNorm3d) for m in net.modules())
+    qnet, report = _quantize(net, x, weight_bits=4)
+    assert report.folded_batchnorm == [] and n_bn > 0
+    assert sum(isinstance(m, nn.BatchNorm3d) for m in qnet.modules()) == n_bn
+    assert _rel_err(net, qnet, x) < 0.1

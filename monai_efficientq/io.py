@@ -1,0 +1,228 @@
+"""Reading what a quantization run starts from: the float network, its weights and the calibration volume.
+
+The CLI, the bundle scripts, the handler's users and the benchmarks all load through these functions, so every
+entry point builds the same network and calibrates on the same crop.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "NORMALIZE_MODES",
+    "build_network",
+    "load_float_weights",
+    "calibration_transform",
+    "load_calibration",
+    "load_calibration_volume",
+    "normalization_transform",
+    "normalize_volume",
+]
+
+
+def _parse_mapping(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        parsed = json.loads(value)
+    except (TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{what} must be a JSON object, e.g. '{{\"in_channels\": 1}}'; got {value!r}.") from err
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{what} must be a JSON object; got {value!r}.")
+    return parsed
+
+
+def build_network(
+    network: str | None = None,
+    network_kwargs: Any = None,
+    config_file: str | Sequence[str] | None = None,
+    network_id: str = "network_def",
+    bundle_root: str | None = None,
+) -> nn.Module:
+    """The float network: from a dotted class path plus kwargs, or from a MONAI bundle config and the id of
+    its network definition.
+
+    Args:
+        network: dotted class path, e.g. ``monai.networks.nets.SegResNet``.
+        network_kwargs: constructor arguments (a dict or JSON text).
+        config_file: a bundle config file (or a list merged left to right).
+        network_id: id of the network definition in the config.
+        bundle_root: value of ``bundle_root`` in the config (default: the folder above the config's folder).
+    """
+    if (network is None) == (config_file is None):
+        raise ValueError("give either --network (a dotted class path) or --config_file (a bundle config), not both.")
+    if config_file is not None:
+        from monai.bundle import ConfigParser
+
+        files = [config_file] if isinstance(config_file, str) else list(config_file)
+        for f in files:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"bundle config not found: {f}")
+        parser = ConfigParser()
+        parser.read_config(files)
+        root = bundle_root or os.path.dirname(os.path.dirname(os.path.abspath(files[0])))
+        parser["bundle_root"] = root
+        if network_id not in parser:
+            raise KeyError(f"{files[0]} has no id '{network_id}': pass --network_id with the id of the network definition.")
+        return parser.get_parsed_content(network_id)
+    module_name, _, class_name = network.rpartition(".")
+    if not module_name:
+        raise ValueError(f"--network must be a dotted path like monai.networks.nets.SegResNet, got {network!r}.")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import network class {network!r}: {err}") from err
+    kwargs = _parse_mapping(network_kwargs, "--network_kwargs")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"cannot build {network} with {kwargs}: {err}") from err
+
+
+def load_float_weights(net: nn.Module, checkpoint: str) -> nn.Module:
+    """Load a float checkpoint (a state dict, or a dict holding one under ``model``/``state_dict``/``network``)
+    into ``net``, with a clear error for missing or unexpected keys and shape mismatches.
+    """
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"float checkpoint not found: {checkpoint}")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{checkpoint} is not a readable torch checkpoint of tensors: {err}") from err
+    if isinstance(state, dict) and state.get("format") == "monai-efficientq":
+        raise ValueError(f"{checkpoint} is already a packed quantized checkpoint: load it with load_quantized.")
+    for key in ("model", "state_dict", "network"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{checkpoint} does not hold a state dict (got {type(state).__name__}).")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
+              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) (e.g. {shapes[:2]})")
+        raise ValueError(
+            f"{checkpoint} does not match the network {type(net).__name__}: " + "; ".join(parts)
+            + ". Check the network definition and its arguments (e.g. channels, init_filters)."
+        )
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def calibration_transform(
+    roi_size: Any = None,
+    crop: str = "foreground",
+    divisible_by: int = 16,
+    normalize: str = "nonzero",
+    with_label: bool = False,
+) -> Any:
+    """The MONAI pipeline that reads a calibration image (and its label) from ``{"image": path, "label": path}``:
+    ``LoadImaged`` channel-first, the intensity normalisation of :func:`normalization_transform` on the image,
+    and :class:`~monai_efficientq.transforms.CalibrationCropd` on both with the box of the image.
+
+    Args:
+        roi_size: crop size (int or per-dimension list; ``None`` = the full volume).
+        crop: ``"foreground"`` (centred on the body, input ≠ 0) or ``"center"``.
+        divisible_by: pad each spatial size to a multiple of this (the network's down-sampling factor).
+        normalize: one of :data:`NORMALIZE_MODES`.
+        with_label: also load and crop ``"label"``.
+    """
+    from monai.transforms import Compose, EnsureTyped, LoadImaged
+
+    from .transforms import CalibrationCropd
+
+    if crop not in ("foreground", "center"):
+        raise ValueError(f"--crop={crop!r} is not supported: use foreground or center.")
+    keys = ["image", "label"] if with_label else ["image"]
+    return Compose(
+        [
+            LoadImaged(keys, image_only=True, ensure_channel_first=True),
+            normalization_transform("image", normalize),
+            CalibrationCropd(keys, roi_size, mode=crop, divisible_by=divisible_by, source_key="image"),
+            EnsureTyped(keys, data_type="tensor", track_meta=False),
+        ]
+    )
+
+
+def load_calibration(
+    path: str,
+    label_path: str | None = None,
+    roi_size: Any = None,
+    crop: str = "foreground",
+    divisible_by: int = 16,
+    normalize: str = "nonzero",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read a calibration image (NIfTI or anything MONAI ``LoadImage`` reads) and optionally its label, normalise
+    the image and crop both with one box (see :func:`calibration_transform` for the arguments).
+
+    Returns:
+        ``(volume (C, *S) float32, label (1, *S) or None)``.
+    """
+    for what, file in (("calibration volume", path), ("calibration label", label_path)):
+        if file is not None and not os.path.isfile(file):
+            raise FileNotFoundError(f"{what} not found: {file}")
+    data = {"image": path} if label_path is None else {"image": path, "label": label_path}
+    out = calibration_transform(roi_size, crop, divisible_by, normalize, with_label=label_path is not None)(data)
+    label = out.get("label")
+    return torch.as_tensor(out["image"]).float(), None if label is None else torch.as_tensor(label)
+
+
+def load_calibration_volume(
+    path: str,
+    roi_size: Any = None,
+    crop: str = "foreground",
+    divisible_by: int = 16,
+    normalize: str = "nonzero",
+) -> torch.Tensor:
+    """The calibration volume alone, channel-first and float32 (see :func:`load_calibration`)."""
+    return load_calibration(path, None, roi_size, crop, divisible_by, normalize)[0]
+
+
+NORMALIZE_MODES = ("nonzero", "all", "minmax", "none")
+
+
+def normalization_transform(keys: Any, normalize: str = "nonzero") -> Any:
+    """The dictionary transform of an intensity normalisation the networks were trained with.
+
+    Args:
+        keys: the keys to normalise.
+        normalize: ``"nonzero"`` (z-score over the non-zero voxels of each channel, as
+            ``NormalizeIntensityd(nonzero=True, channel_wise=True)``), ``"all"`` (z-score over every voxel of
+            each channel), ``"minmax"`` (scale to [0, 1]) or ``"none"``.
+    """
+    from monai.transforms import Identityd, NormalizeIntensityd, ScaleIntensityd
+
+    if normalize == "nonzero":
+        return NormalizeIntensityd(keys, nonzero=True, channel_wise=True)
+    if normalize == "all":
+        return NormalizeIntensityd(keys, channel_wise=True)
+    if normalize == "minmax":
+        return ScaleIntensityd(keys)
+    if normalize == "none":
+        return Identityd(keys)
+    raise ValueError(f"--normalize={normalize!r} is not supported: use {', '.join(NORMALIZE_MODES)}.")
+
+
+def normalize_volume(image: Any, normalize: str = "nonzero") -> Any:
+    """Intensity-normalise a channel-first image (see :func:`normalization_transform` for the modes)."""
+    return normalization_transform("image", normalize)({"image": image})["image"]
