@@ -5,6 +5,7 @@ Run ``monai-efficientq quantize --help`` for every flag.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -17,34 +18,14 @@ logger = logging.getLogger("monai_efficientq")
 
 
 def quantize(
-    checkpoint: str,
-    calib: str,
-    network: str | None = None,
-    network_kwargs: Any = None,
-    config_file: Any = None,
-    network_id: str = "network_def",
-    bundle_root: str | None = None,
-    output: str = "model_quantized.pt",
-    report_path: str | None = None,
-    dequantized: str | None = None,
-    calib_label: str | None = None,
-    roi_size: Any = None,
-    crop: str = "foreground",
-    divisible_by: int = 16,
-    normalize: str = "nonzero",
-    weight_bits: int = 2,
-    act_bits: int | None = None,
-    first_last_bits: int | None = 8,
-    method: str = "efficientq",
-    preset: str = "default",
-    iterations: int = 200,
-    patience: int | None = 60,
-    attention: str = "prediction",
-    prediction: str = "softmax",
-    calib_augment: int | None = None,
-    holdout: bool | None = None,
-    device: str | None = None,
-    quiet: bool = False,
+    checkpoint: str, calib: str, network: str | None = None, network_kwargs: Any = None, config_file: Any = None,
+    network_id: str = "network_def", bundle_root: str | None = None, output: str = "model_quantized.pt",
+    report_path: str | None = None, dequantized: str | None = None, calib_label: str | None = None,
+    roi_size: Any = None, crop: str = "foreground", divisible_by: int = 16, normalize: str = "nonzero",
+    weight_bits: int = 2, act_bits: int | None = None, first_last_bits: int | None = 8, method: str = "efficientq",
+    preset: str = "default", iterations: int = 200, patience: int | None = 60, attention: str = "prediction",
+    prediction: str = "softmax", calib_augment: int | None = None, holdout: bool | None = None,
+    device: str | None = None, quiet: bool = False,
 ) -> None:
     """Quantize a trained float network from one calibration volume and write the packed checkpoint and report.
 
@@ -64,53 +45,62 @@ def quantize(
         output: packed checkpoint to write (written atomically).
         report_path: report JSON to write (default: OUTPUT with .json; a .md is written beside it).
         dequantized: optional path of a dequantized float state dict the original network loads.
-        calib_label: optional label image of the calibration volume (used with --attention label); cropped with
-            the volume's box.
+        calib_label: optional label image of the calibration volume (for --attention label), cropped with it.
         roi_size: calibration crop size, an int or a list like [96,96,96]; default the whole volume.
         crop: foreground (centre the crop on the body, input != 0) or center.
         divisible_by: pad the crop to a multiple of this (the network's down-sampling factor).
-        normalize: intensity normalisation the network was trained with: nonzero (z-score of non-zero voxels), minmax or none.
+        normalize: intensity normalisation the network was trained with: nonzero, all, minmax or none.
         weight_bits: weight bits of the inner layers, 2..8.
         act_bits: input-activation bits of the inner layers, 2..8; omit for float activations.
-        first_last_bits: weight bits of the first and last layer (their input stays float); None = like the others.
+        first_last_bits: weight bits of the first and last layer (float input); None = like the others.
         method: efficientq (ADMM reconstruction) or rtn (round to nearest, the baseline).
         preset: default (ours) or original (the published code's choices).
         iterations: ADMM iterations per layer (at most).
-        patience: stop a layer's ADMM once its best iterate has not improved for this many iterations (``None``:
-            run all ``iterations``).
+        patience: stop a layer's ADMM after this many iterations without a better iterate (None: never).
         attention: prediction (class-balanced, from the float prediction), label (needs --calib_label) or none.
         prediction: softmax (multi-class) or sigmoid (multi-label) network output.
-        calib_augment: augmented copies of the calibration volume calibrated on with it (default: the preset's, 2
-            for default, 0 for original).
-        holdout: choose each layer's solution on the last copy, which the fit does not see (default: the preset's).
+        calib_augment: augmented copies of the calibration volume (default: the preset's, 2 or 0).
+        holdout: choose each layer's solution on a copy the fit does not see (default: the preset's).
         device: cpu, cuda or cuda:N (default cpu).
         quiet: no progress bar or per-layer log.
     """
-    from .checkpoint import save_dequantized, save_quantized
     from .config import EfficientQConfig
-    from .network import quantize_network
+    from .network import quantize_
 
     cfg = EfficientQConfig(
         weight_bits=weight_bits, act_bits=act_bits, first_last_bits=first_last_bits, method=method,
         preset=preset, iterations=iterations, patience=patience, attention=attention, prediction=prediction,
         device=device, progress=not quiet, calib_augment=calib_augment, holdout=holdout,
     )
+    report_path = report_path or os.path.splitext(output)[0] + ".json"
+    _check_output_folder(output)
+    if not quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    net = load_float_weights(build_network(network, network_kwargs, config_file, network_id, bundle_root), checkpoint)
+    float_net = copy.deepcopy(net) if dequantized else None
+    calib_volume, label = load_calibration(calib, calib_label, roi_size, crop, divisible_by, normalize)
+    rep = quantize_(net, calib_volume, cfg, label=label)
+    _write_outputs(net, rep, output, report_path, float_net, dequantized)
+
+
+def _check_output_folder(output: str) -> None:
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"cannot write to {out_dir}: choose another --output.")
-    report_path = report_path or os.path.splitext(output)[0] + ".json"
-    if not quiet:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    net = build_network(network, network_kwargs, config_file, network_id, bundle_root)
-    load_float_weights(net, checkpoint)
-    calib_volume, label = load_calibration(calib, calib_label, roi_size, crop, divisible_by, normalize)
-    qnet, rep = quantize_network(net, calib_volume, cfg, label=label)
+
+
+def _write_outputs(
+    qnet: Any, rep: Any, output: str, report_path: str, float_net: Any, dequantized: str | None
+) -> None:
+    """The packed checkpoint, the report (JSON and Markdown) and, if asked, the dequantized float state dict."""
+    from .checkpoint import save_dequantized, save_quantized
+
     save_quantized(qnet, output, rep)
     rep.to_json(report_path)
     rep.to_markdown(os.path.splitext(report_path)[0] + ".md")
     if dequantized:
-        save_dequantized(qnet, net, dequantized)
+        save_dequantized(qnet, float_net, dequantized)
     print(
         f"wrote {output} ({os.path.getsize(output) / 2**20:.2f} MiB, {rep.compression:.1f}x smaller than float) "
         f"and {report_path}; {len(rep.layers)} layers in {rep.total_seconds:.1f} s"

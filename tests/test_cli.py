@@ -36,7 +36,9 @@ def test_quantize_writes_checkpoint_and_report(files, capsys):
     net, ckpt, img, tmp = files
     out = tmp / "out" / "q.pt"
     quantize(str(ckpt), str(img), network=NET, network_kwargs=KWARGS, output=str(out), roi_size=16,
-             weight_bits=3, act_bits=4, iterations=3, quiet=True)
+             weight_bits=3, act_bits=4, iterations=3, quiet=True, dequantized=str(tmp / "out" / "deq.pt"))
+    float_copy = tiny_segresnet(seed=1)
+    float_copy.load_state_dict(torch.load(tmp / "out" / "deq.pt"))  # the original definition loads the export
     assert out.exists() and (tmp / "out" / "q.json").exists() and (tmp / "out" / "q.md").exists()
     rep = json.loads((tmp / "out" / "q.json").read_text())
     assert rep["calibration_shape"] == [1, 1, 16, 16, 16]
