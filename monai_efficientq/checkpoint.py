@@ -1,9 +1,9 @@
 """The packed checkpoint: bit-packed codes, scales and float biases in a plain dict that
 ``torch.load(..., weights_only=True)`` reads, and the dequantized float export.
 
-Layout (``format_version`` 1)::
+Layout (``format_version`` 2)::
 
-    {"format": "monai-efficientq", "format_version": 1,
+    {"format": "monai-efficientq", "format_version": 2, "payload_sha256": hex digest,
      "folded_batchnorm": [[conv_name, bn_name], ...],
      "layers": {name: {"type": "Conv3d", "weight_shape": [...], "bits": 2, "grid": "nozero",
                        "per_channel": True, "numel": int, "codes": uint8 (packed), "scale": float32 (rows,),
@@ -11,11 +11,18 @@ Layout (``format_version`` 1)::
                        "act": None or {"bits": 2, "signed": False, "step": float, "offset": float}}},
      "float_state": {every other state-dict entry},
      "config": {...}, "report": {...} or absent}
+
+``payload_sha256`` is the SHA-256 of everything that defines the network (folded BatchNorms, layers, float
+state, config; see :func:`payload_digest`), checked on every load, so a file changed after it was written (a
+bad copy, a flipped bit) is refused instead of giving slightly different outputs. The report (run times,
+memory) is outside it. Version 1 files (no checksum) still load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import tempfile
 import zipfile
@@ -45,6 +52,7 @@ __all__ = [
     "packed_state",
     "packed_size",
     "read_packed",
+    "payload_digest",
     "save_quantized",
     "load_quantized",
     "load_quantized_",
@@ -53,7 +61,8 @@ __all__ = [
 ]
 
 FORMAT = "monai-efficientq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_PAYLOAD_KEYS = ("folded_batchnorm", "layers", "float_state", "config")
 
 
 class CheckpointFormatError(ValueError):
@@ -125,6 +134,7 @@ def packed_state(qnet: nn.Module, report: Any = None) -> dict[str, Any]:
         "float_state": float_state,
         "config": dict(info.config),
     }
+    state["payload_sha256"] = payload_digest(state)
     if report is not None:
         state["report"] = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     _share_storages(state)
@@ -224,7 +234,38 @@ def read_packed(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str,
             f"{path} has format version {version!r}; this monai-efficientq reads up to {FORMAT_VERSION}. "
             f"Upgrade monai-efficientq."
         )
+    if version >= 2 and state.get("payload_sha256") != payload_digest(state):
+        raise CheckpointFormatError(
+            f"{path} is corrupted: its content does not match the checksum written with it (payload_sha256). "
+            f"Copy the file again from its source, or quantize the model again."
+        )
     return state
+
+
+def payload_digest(state: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the entries of a packed ``state`` that define the network: each tensor's dtype, shape and
+    bytes and every other value's JSON text, in sorted-key order."""
+    digest = hashlib.sha256()
+    _hash_value({k: state.get(k) for k in _PAYLOAD_KEYS}, digest)
+    return digest.hexdigest()
+
+
+def _hash_value(value: Any, digest: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor:{flat.dtype}:{list(value.shape)}:".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"dict:{len(value)}:".encode())
+        for key in sorted(value, key=str):
+            digest.update(f"{key!s}=".encode())
+            _hash_value(value[key], digest)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"list:{len(value)}:".encode())
+        for item in value:
+            _hash_value(item, digest)
+    else:
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
 
 
 def load_quantized(net: nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:

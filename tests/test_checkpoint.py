@@ -24,7 +24,7 @@ def test_roundtrip_weights_only_and_bit_exact(tmp_path, quantized_unet):
     path = tmp_path / "q.pt"
     save_quantized(qnet, path, report)
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "monai-efficientq" and raw["format_version"] == 1
+    assert raw["format"] == "monai-efficientq" and raw["format_version"] == 2 and len(raw["payload_sha256"]) == 64
     assert all(e["codes"].dtype == torch.uint8 for e in raw["layers"].values())
     loaded = load_quantized(tiny_unet_bn(seed=5), path)  # fresh float net with other weights
     x = volume(16, seed=3)
@@ -146,3 +146,55 @@ def test_written_files_get_the_usual_permissions(tmp_path, quantized_unet):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def _record_data_offset(path, record_suffix: str) -> tuple[int, int]:
+    """Offset and size of the stored bytes of the zip record whose name ends with ``record_suffix``."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(record_suffix))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+def _storage_records(path) -> list[str]:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return [i.filename for i in archive.infolist() if "/data/" in i.filename]
+
+
+def test_flipped_bytes_and_truncation_are_caught(tmp_path, quantized_unet):
+    net, qnet, report = quantized_unet
+    path = tmp_path / "q.pt"
+    save_quantized(qnet, path, report)
+    clean = path.read_bytes()
+    for record in _storage_records(path):  # every tensor storage: codes, scales, biases, float state
+        offset, size = _record_data_offset(path, record)
+        data = bytearray(clean)
+        n = min(64, size)
+        data[offset : offset + n] = bytes(b ^ 0xFF for b in data[offset : offset + n])
+        path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointFormatError, match=r"q\.pt is corrupted.*checksum"):
+            load_quantized(tiny_unet_bn(), path)
+    path.write_bytes(clean[: len(clean) // 2])
+    with pytest.raises(CheckpointFormatError, match="not a readable torch checkpoint"):
+        load_quantized(tiny_unet_bn(), path)
+    path.write_bytes(clean)
+    load_quantized(tiny_unet_bn(), path)  # the intact file still loads
+
+
+def test_version_1_files_without_checksum_still_load(tmp_path, quantized_unet):
+    _, qnet, _ = quantized_unet
+    state = packed_state(qnet)
+    state["format_version"] = 1
+    del state["payload_sha256"]
+    torch.save(state, tmp_path / "v1.pt")
+    x = volume(16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tiny_unet_bn(), tmp_path / "v1.pt")(x), qnet(x))
