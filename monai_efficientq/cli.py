@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from .io import build_network, load_calibration, load_float_weights
+from .io import build_network, check_output_path, load_calibration, load_float_weights
 
 __all__ = ["quantize", "report", "main"]
 
@@ -25,7 +25,7 @@ def quantize(
     weight_bits: int = 2, act_bits: int | None = None, first_last_bits: int | None = 8, method: str = "efficientq",
     preset: str = "default", iterations: int = 200, patience: int | None = 60, attention: str = "prediction",
     prediction: str = "softmax", calib_augment: int | None = None, holdout: bool | None = None,
-    device: str | None = None, quiet: bool = False,
+    device: str | None = None, threads: int | None = None, quiet: bool = False,
 ) -> None:
     """Quantize a trained float network from one calibration volume and write the packed checkpoint and report.
 
@@ -62,7 +62,9 @@ def quantize(
         calib_augment: augmented copies of the calibration volume (default: the preset's, 2 or 0).
         holdout: choose each layer's solution on a copy the fit does not see (default: the preset's).
         device: cpu, cuda or cuda:N (default cpu).
-        quiet: no progress bar or per-layer log.
+        threads: CPU threads for torch (default: torch's, all cores; results can differ in the last bits between
+            thread counts, see the README).
+        quiet: no progress bar or per-layer log. Add --debug to any command for the full traceback of an error.
     """
     from .config import EfficientQConfig
     from .network import quantize_
@@ -73,21 +75,48 @@ def quantize(
         device=device, progress=not quiet, calib_augment=calib_augment, holdout=holdout,
     )
     report_path = report_path or os.path.splitext(output)[0] + ".json"
-    _check_output_folder(output)
+    _check_outputs(output, report_path, dequantized)
+    _set_threads(threads)
     if not quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     net = load_float_weights(build_network(network, network_kwargs, config_file, network_id, bundle_root), checkpoint)
     float_net = copy.deepcopy(net) if dequantized else None
     calib_volume, label = load_calibration(calib, calib_label, roi_size, crop, divisible_by, normalize)
-    rep = quantize_(net, calib_volume, cfg, label=label)
+    with _log_beside_progress_bar(cfg.progress):
+        rep = quantize_(net, calib_volume, cfg, label=label)
     _write_outputs(net, rep, output, report_path, float_net, dequantized)
 
 
-def _check_output_folder(output: str) -> None:
-    out_dir = os.path.dirname(os.path.abspath(output))
-    os.makedirs(out_dir, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise PermissionError(f"cannot write to {out_dir}: choose another --output.")
+def _check_outputs(output: str, report_path: str, dequantized: str | None) -> None:
+    """Every file the command will write, checked before the work starts."""
+    check_output_path(output, "--output")
+    check_output_path(report_path, "--report_path")
+    check_output_path(os.path.splitext(report_path)[0] + ".md", "the Markdown report beside --report_path")
+    if dequantized:
+        check_output_path(dequantized, "--dequantized")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"--threads={threads!r}: give a whole number of CPU threads, 1 or more.")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _log_beside_progress_bar(progress: bool) -> Any:
+    """Route log lines through tqdm while its bar is shown, so that neither overwrites the other in a terminal."""
+    import contextlib
+
+    if not progress:
+        return contextlib.nullcontext()
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return contextlib.nullcontext()
+    return logging_redirect_tqdm(loggers=[logging.getLogger("monai_efficientq")])
 
 
 def _write_outputs(
@@ -101,9 +130,10 @@ def _write_outputs(
     rep.to_markdown(os.path.splitext(report_path)[0] + ".md")
     if dequantized:
         save_dequantized(qnet, float_net, dequantized)
+    written = [report_path, os.path.splitext(report_path)[0] + ".md"] + ([dequantized] if dequantized else [])
     print(
-        f"wrote {output} ({os.path.getsize(output) / 2**20:.2f} MiB, {rep.compression:.1f}x smaller than float) "
-        f"and {report_path}; {len(rep.layers)} layers in {rep.total_seconds:.1f} s"
+        f"wrote {output} ({os.path.getsize(output) / 2**20:.2f} MiB, {rep.compression:.1f}x smaller than float; "
+        f"{len(rep.layers)} layers in {rep.total_seconds:.1f} s) and " + ", ".join(written)
     )
 
 
@@ -128,19 +158,36 @@ def report(path: str) -> str:
     return rep.to_markdown()
 
 
-def main() -> None:
-    """Entry point of the ``monai-efficientq`` command."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``monai-efficientq`` command: errors as one line on stderr and exit code 2 (the
+    traceback with ``--debug``)."""
     import sys
 
     import fire
 
-    from .checkpoint import CheckpointFormatError
-
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
     try:
-        fire.Fire({"quantize": quantize, "report": report}, name="monai-efficientq")
-    except (ValueError, KeyError, FileNotFoundError, PermissionError, CheckpointFormatError) as err:
-        print(f"monai-efficientq: error: {err}", file=sys.stderr)
+        fire.Fire({"quantize": quantize, "report": report}, command=args, name="monai-efficientq")
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `monai-efficientq report q.json | head`: the reader has gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except KeyboardInterrupt:
+        print("monai-efficientq: interrupted (files are written whole or not at all).", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if debug:
+            raise
+        print(f"monai-efficientq: error: {_one_line(err)} (add --debug for the traceback)", file=sys.stderr)
         sys.exit(2)
+
+
+def _one_line(err: Exception) -> str:
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
+    text = " ".join(str(message).split()) or type(err).__name__
+    return text if isinstance(err, (ValueError, KeyError, OSError)) else f"{type(err).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ __all__ = [
     "load_calibration_volume",
     "normalization_transform",
     "normalize_volume",
+    "check_output_path",
 ]
 
 
@@ -58,8 +59,10 @@ def build_network(
         network_id: id of the network definition in the config.
         bundle_root: value of ``bundle_root`` in the config (default: the folder above the config's folder).
     """
-    if (network is None) == (config_file is None):
-        raise ValueError("give either --network (a dotted class path) or --config_file (a bundle config), not both.")
+    if network is None and config_file is None:
+        raise ValueError("no network given: pass --network (a dotted class path) or --config_file (a bundle config).")
+    if network is not None and config_file is not None:
+        raise ValueError("--network and --config_file both give the network: pass only one of them.")
     if config_file is not None:
         from monai.bundle import ConfigParser
 
@@ -96,8 +99,11 @@ def load_float_weights(net: nn.Module, checkpoint: str) -> nn.Module:
         raise FileNotFoundError(f"float checkpoint not found: {checkpoint}")
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{checkpoint} is not a readable torch checkpoint of tensors: {err}") from err
+    except Exception as err:  # torch's own message may advise weights_only=False, which we never do
+        raise ValueError(
+            f"{checkpoint} is not a readable float checkpoint ({type(err).__name__}): give a state dict saved with "
+            f"torch.save(net.state_dict(), path) (or a dict holding one under 'model', 'state_dict' or 'network')."
+        ) from None
     if isinstance(state, dict) and state.get("format") == "monai-efficientq":
         raise ValueError(f"{checkpoint} is already a packed quantized checkpoint: load it with load_quantized.")
     for key in ("model", "state_dict", "network"):
@@ -182,9 +188,26 @@ def load_calibration(
         if file is not None and not os.path.isfile(file):
             raise FileNotFoundError(f"{what} not found: {file}")
     data = {"image": path} if label_path is None else {"image": path, "label": label_path}
-    out = calibration_transform(roi_size, crop, divisible_by, normalize, with_label=label_path is not None)(data)
+    transform = calibration_transform(roi_size, crop, divisible_by, normalize, with_label=label_path is not None)
+    try:
+        out = transform(data)
+    except Exception as err:
+        raise ValueError(_unreadable_image_message(path, label_path, err)) from None
     label = out.get("label")
     return torch.as_tensor(out["image"]).float(), None if label is None else torch.as_tensor(label)
+
+
+def _unreadable_image_message(path: str, label_path: str | None, err: Exception) -> str:
+    """One line for a calibration image (or label) MONAI could not read or crop, from the transform's error."""
+    cause = err.__cause__ if err.__cause__ is not None else err
+    first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if "LoadImage" in str(err) or isinstance(cause, (OSError, RuntimeError)) and "reader" in str(cause).lower():
+        files = path if label_path is None else f"{path} or {label_path}"
+        return (
+            f"cannot read {files} as an image ({first_line[:200]}): give a NIfTI (.nii, .nii.gz) or another format "
+            f"MONAI LoadImage reads."
+        )
+    return f"cannot prepare the calibration volume {path}: {first_line[:300]}"
 
 
 def load_calibration_volume(
@@ -226,3 +249,35 @@ def normalization_transform(keys: Any, normalize: str = "nonzero") -> Any:
 def normalize_volume(image: Any, normalize: str = "nonzero") -> Any:
     """Intensity-normalise a channel-first image (see :func:`normalization_transform` for the modes)."""
     return normalization_transform("image", normalize)({"image": image})["image"]
+
+
+def check_output_path(path: str | os.PathLike, what: str) -> str:
+    """Check, before any work, that a file can be written at ``path``; nothing is created.
+
+    The folders that do not exist yet are created when the file is written (atomically, see
+    :func:`~monai_efficientq.checkpoint.atomic_write`), so a run that fails leaves none behind.
+
+    Args:
+        path: the file to be written.
+        what: how the user named it (e.g. ``"--output"``), for the message.
+
+    Returns:
+        the path as a string.
+
+    Raises:
+        ValueError: ``path`` is a folder, an existing file that is not writable, or lies under a file or a folder
+            that is not writable.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder: give a file path in it, e.g. {os.path.join(path, 'model.pt')!r}.")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path!r} exists and is not writable: choose another path or change its permissions.")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"{what} {path!r} cannot be created: {ancestor!r} is a file, not a folder.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path!r} cannot be created: the folder {ancestor!r} is not writable.")
+    return path

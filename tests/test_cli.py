@@ -74,3 +74,72 @@ def test_command_line_errors_are_clean(files):
                               capture_output=True, text=True, env={**env, "PAGER": "cat"})
     for flag in ("--weight_bits", "--act_bits", "--roi_size", "--preset", "--device", "--config_file"):
         assert flag in helptext.stdout + helptext.stderr
+
+
+def _main_error(argv, capsys) -> str:
+    from monai_efficientq.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    return err
+
+
+@pytest.mark.parametrize(
+    "output, match",
+    [("adir", "is a folder: give a file path in it"), ("afile/x/q.pt", "is a file, not a folder")],
+)
+def test_bad_outputs_are_refused_before_any_work(files, capsys, monkeypatch, output, match):
+    import monai_efficientq.io as io_mod
+
+    net, ckpt, img, tmp = files
+    monkeypatch.chdir(tmp)
+    (tmp / "adir").mkdir()
+    (tmp / "afile").write_text("x")
+    monkeypatch.setattr(io_mod, "load_float_weights", lambda *a: pytest.fail("work started before the check"))
+    err = _main_error(["quantize", "--checkpoint", str(ckpt), "--calib", str(img), "--network", NET,
+                       "--network_kwargs", KWARGS, "--output", output], capsys)
+    assert match in err
+
+
+def test_a_failed_run_leaves_no_folder_and_debug_shows_the_traceback(files, capsys):
+    from monai_efficientq.cli import main
+
+    net, ckpt, img, tmp = files
+    argv = ["quantize", "--checkpoint", str(ckpt), "--calib", str(tmp / "nope.nii.gz"), "--network", NET,
+            "--network_kwargs", KWARGS, "--output", str(tmp / "new" / "sub" / "q.pt")]
+    assert "calibration volume not found" in _main_error(argv, capsys)
+    assert not (tmp / "new").exists()
+    with pytest.raises(FileNotFoundError):
+        main(argv + ["--debug"])
+    assert "no network given: pass --network" in _main_error(["quantize", "--checkpoint", str(ckpt), "--calib",
+                                                              str(img)], capsys)
+    assert "--threads=0" in _main_error(argv[:-2] + ["--output", str(tmp / "q.pt"), "--threads", "0"], capsys)
+
+
+def test_garbage_checkpoint_and_calibration_messages(files):
+    from monai_efficientq.io import load_calibration, load_float_weights
+
+    net, ckpt, img, tmp = files
+    (tmp / "garbage.pt").write_bytes(b"\x80\x04 not a pickle at all")
+    with pytest.raises(ValueError, match="not a readable float checkpoint") as info:
+        load_float_weights(tiny_segresnet(), str(tmp / "garbage.pt"))
+    assert "weights_only=False" not in str(info.value)
+    (tmp / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="cannot read .*notes.txt as an image"):
+        load_calibration(str(tmp / "notes.txt"))
+
+
+def test_report_into_a_closed_pipe_is_quiet(files):
+    net, ckpt, img, tmp = files
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = tmp / "q.pt"
+    quantize(str(ckpt), str(img), network=NET, network_kwargs=KWARGS, output=str(out), roi_size=16,
+             iterations=2, quiet=True)
+    proc = subprocess.Popen([sys.executable, "-m", "monai_efficientq.cli", "report", str(tmp / "q.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the report is printed, as with `| head` on a long report
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 0 and stderr == ""
