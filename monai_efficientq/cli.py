@@ -1,6 +1,10 @@
 """Command line: ``monai-efficientq quantize ...`` and ``monai-efficientq report PATH`` (python-fire).
 
-Run ``monai-efficientq quantize --help`` for every flag.
+Run ``monai-efficientq quantize --help`` for every flag. Example::
+
+    monai-efficientq quantize --network monai.networks.nets.SegResNet \\
+        --network_kwargs '{"in_channels": 1, "out_channels": 4, "init_filters": 8}' \\
+        --checkpoint model.pt --calib t1.nii.gz --roi_size 96 --weight_bits 2 --act_bits 2
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ import logging
 import os
 from typing import Any
 
+from .config import EfficientQConfig
 from .io import build_network, check_output_path, load_calibration, load_float_weights
+from .network import quantize_
 
 __all__ = ["quantize", "report", "main"]
 
@@ -28,11 +34,6 @@ def quantize(
     device: str | None = None, threads: int | None = None, quiet: bool = False,
 ) -> None:
     """Quantize a trained float network from one calibration volume and write the packed checkpoint and report.
-
-    Example:
-        monai-efficientq quantize --network monai.networks.nets.SegResNet \\
-            --network_kwargs '{"in_channels": 1, "out_channels": 4, "init_filters": 8}' \\
-            --checkpoint model.pt --calib t1.nii.gz --roi_size 96 --weight_bits 2 --act_bits 2
 
     Args:
         checkpoint: float checkpoint (state dict) of the network.
@@ -66,9 +67,6 @@ def quantize(
             thread counts, see the README).
         quiet: no progress bar or per-layer log. Add --debug to any command for the full traceback of an error.
     """
-    from .config import EfficientQConfig
-    from .network import quantize_
-
     cfg = EfficientQConfig(
         weight_bits=weight_bits, act_bits=act_bits, first_last_bits=first_last_bits, method=method,
         preset=preset, iterations=iterations, patience=patience, attention=attention, prediction=prediction,
@@ -77,8 +75,7 @@ def quantize(
     report_path = report_path or os.path.splitext(output)[0] + ".json"
     _check_outputs(output, report_path, dequantized)
     _set_threads(threads)
-    if not quiet:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     net = load_float_weights(build_network(network, network_kwargs, config_file, network_id, bundle_root), checkpoint)
     float_net = copy.deepcopy(net) if dequantized else None
     calib_volume, label = load_calibration(calib, calib_label, roi_size, crop, divisible_by, normalize)
