@@ -13,23 +13,10 @@ import torch
 from monai_efficientq import load_quantized
 from monai_efficientq.cli import quantize, report
 
+from conftest import SEGRESNET_CLASS, SEGRESNET_KWARGS
 from nets import tiny_segresnet
 
-NET = "monai.networks.nets.SegResNet"
-KWARGS = json.dumps({"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "init_filters": 8,
-                     "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]})
-
-
-@pytest.fixture()
-def files(tmp_path):
-    net = tiny_segresnet()
-    ckpt = tmp_path / "model.pt"
-    torch.save(net.state_dict(), ckpt)
-    vol = np.zeros((20, 22, 18), dtype=np.float32)
-    vol[3:17, 4:18, 2:16] = np.random.default_rng(0).random((14, 14, 14)) * 100 + 50
-    img = tmp_path / "calib.nii.gz"
-    nib.save(nib.Nifti1Image(vol, np.eye(4)), img)
-    return net, ckpt, img, tmp_path
+NET, KWARGS = SEGRESNET_CLASS, SEGRESNET_KWARGS
 
 
 def test_quantize_writes_checkpoint_and_report(files, capsys):
