@@ -16,6 +16,7 @@ Layout (``format_version`` 1)::
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 import zipfile
@@ -44,6 +45,7 @@ __all__ = [
     "atomic_write",
     "packed_state",
     "packed_size",
+    "packed_tensor_bytes",
     "read_packed",
     "save_quantized",
     "load_quantized",
@@ -168,6 +170,19 @@ def packed_size(qnet: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(packed_state(qnet), buffer)
     return buffer.tell()
+
+
+def packed_tensor_bytes(qnet: nn.Module) -> int:
+    """Bytes of the tensors in the packed checkpoint of ``qnet``, counted without building it: the bit-packed
+    codes, the float32 scales, the biases and every other state-dict entry. The file :func:`save_quantized`
+    writes adds the zip and pickle framing (names, shapes, the config): a few KB."""
+    quantized = _quantized_modules(qnet)
+    own_keys = {(f"{n}." if n else "") + k for n, m in quantized.items() for k in m.state_dict()}
+    total = sum(t.numel() * t.element_size() for k, t in qnet.state_dict().items() if k not in own_keys)
+    for m in quantized.values():
+        total += math.ceil(m.weight_codes.numel() * m.weight_bits / 8) + m.weight_scale.numel() * 4
+        total += m.bias.numel() * m.bias.element_size() if m.bias is not None else 0
+    return total
 
 
 def save_quantized(qnet: nn.Module, path: str | os.PathLike, report: Any = None) -> str:

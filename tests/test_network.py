@@ -211,6 +211,32 @@ def test_numpy_and_unbatched_input_and_report():
     assert set(report.calib_agreement_dice) == {"class0", "class1", "class2"}
 
 
+def _tensors(container):
+    items = container.values() if isinstance(container, dict) else container
+    for value in items:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (dict, list)):
+            yield from _tensors(value)
+
+
+@pytest.mark.parametrize("make, bits, act_bits", [(tiny_unet_bn, 2, 2), (tiny_segresnet, 3, None)])
+def test_packed_bytes_are_the_tensor_bytes_of_the_saved_file(tmp_path, make, bits, act_bits):
+    import os
+
+    from monai_efficientq.checkpoint import packed_state, save_quantized
+
+    qnet, report = _quantize(make(), volume(16), weight_bits=bits, act_bits=act_bits, method="rtn")
+    tensors = list(_tensors(packed_state(qnet)))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert report.packed_bytes == sum(storages.values())  # counted without packing: the bytes packing gives
+    path = tmp_path / "q.pt"
+    save_quantized(qnet, path)
+    framing = os.path.getsize(path) - report.packed_bytes
+    # a few zip records, the pickled config, and per tensor its key, shape and storage reference
+    assert 0 < framing < 4096 + 200 * len(tensors)
+
+
 def test_rtn_measures_errors_directly_without_gram_statistics(monkeypatch):
     from monai_efficientq.solver import LayerSolver
 
