@@ -562,10 +562,12 @@ class LayerSolver:
         return max(ratio, 1.0) * attention_mean
 
     def _refine(self, v: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ADMM's projection of ``v`` onto the grid, its scale warm-started from ``scale``: ``(scale, codes, G)``."""
+        """ADMM's projection of ``v`` onto the grid, its scale warm-started from ``scale``: ``(scale, codes, G)``,
+        ``G`` in ``v``'s dtype (the projection itself runs in float64)."""
         if bool((scale > 0).all()):
-            scale, codes, g = project_to_grid(v.reshape(-1, v.shape[-1]), self.grid, self.per_channel, scale)
-            return scale, codes.reshape(v.shape), g.reshape(v.shape)
+            rows = v.reshape(-1, v.shape[-1]).to(torch.float64)
+            scale, codes, g = project_to_grid(rows, self.grid, self.per_channel, scale)
+            return scale, codes.reshape(v.shape), g.reshape(v.shape).to(v.dtype)
         g, scale, codes = self._project(v, scale)  # a zero row: the checked path
         return scale, codes, g
 

@@ -321,3 +321,24 @@ def test_solve_releases_the_statistics():
     solver, sol = _solve(layer, x, y, h, iterations=5)
     assert solver.statistics.weighted.A is None and solver.held is None
     assert sol.iterations_run == 5 and len(sol.history) == 0
+
+
+@pytest.mark.parametrize("size, c_in", [(6, 3), (3, 8)])  # Cholesky, Woodbury
+def test_float32_solve_dtype_keeps_its_iterates_in_float32(size, c_in):
+    layer, x, y, h = _problem(size=size, c_in=c_in, seed=7)
+    w = weight_matrix(layer).detach()
+    b = layer.bias.detach().reshape(w.shape[0], w.shape[1])
+    y_mat = output_matrix(layer, y)
+    half = y_mat.shape[-1] // 2  # the second half is held out
+    solutions = {}
+    for dtype in (torch.float64, torch.float32):
+        settings = SolverSettings(iterations=30, rho_step_every=10, patience=None)
+        solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, settings, y_mat.shape[-1], dtype=dtype)
+        for cols, patches in input_patches(layer, x.to(dtype), 1 << 30, dtype):
+            solver.add(patches[..., :half], y_mat[..., :half].to(dtype), h[:half].to(dtype))
+            solver.add(patches[..., half:], y_mat[..., half:].to(dtype), h[half:].to(dtype), held_out=True)
+        solutions[dtype] = solver.solve()
+    sol32, sol64 = solutions[torch.float32], solutions[torch.float64]
+    assert sol32.weight.dtype == torch.float32 and sol32.bias.dtype == torch.float32
+    assert sol32.error_weighted == pytest.approx(sol64.error_weighted, rel=1e-2)
+    assert sol32.held_out_error == pytest.approx(sol64.held_out_error, rel=1e-2)
