@@ -22,10 +22,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 
+from .config import EfficientQConfig
 from .quantizer import UniformGrid, dequantize, fit_scale, project_to_grid
 from .timing import PhaseTimer
 
@@ -57,7 +56,7 @@ class SolverSettings:
     record_history: bool = False
 
     @classmethod
-    def from_config(cls, config: Any, record_history: bool = False) -> SolverSettings:
+    def from_config(cls, config: EfficientQConfig, record_history: bool = False) -> SolverSettings:
         """The settings of the same name of ``config`` (an :class:`~monai_efficientq.config.EfficientQConfig`).
 
         Args:
