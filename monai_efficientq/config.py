@@ -51,6 +51,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The choice fields and their allowed values.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "weight_scale": SCALE_MODES,
+    "weight_grid": GRIDS,
+    "act_mode": ACT_MODES,
+    "act_fit": ACT_FITS,
+    "best_iterate_error": ERROR_MODES,
+    "attention": ATTENTION_MODES,
+    "prediction": PREDICTION_TYPES,
+    "solver": SOLVERS,
+    "rho_schedule": RHO_SCHEDULES,
+    "class_weights": CLASS_WEIGHT_MODES,
+    "solver_dtype": ("float64", "float32"),
+    "act_fit_volumes": ("all", "given"),
+}
+
+
 def _check_bits(name: str, bits: int | None, allow_none: bool) -> None:
     if bits is None and allow_none:
         return
@@ -71,7 +89,10 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 class EfficientQConfig:
     """Settings of one post-training quantization run.
 
-    Fields left as ``None`` take the value of the chosen ``preset``; set them to override it.
+    Fields left as ``None`` take the value of the chosen ``preset``; set them to override it. After creation
+    every field holds the value that runs (so :meth:`to_dict` and the report show it); the config also
+    remembers which preset-controlled fields the caller set (:attr:`preset_overrides`), so :meth:`replace`
+    with another preset keeps them and re-derives the rest.
 
     Args:
         weight_bits: bits of the weights of the inner layers (2..8).
@@ -176,32 +197,30 @@ class EfficientQConfig:
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, tuple(PRESETS))
+        # what the caller set; the preset fills the rest (the fields then show the settings that run)
+        self._explicit = frozenset(key for key in PRESETS[self.preset] if getattr(self, key) is not None)
         for key, value in PRESETS[self.preset].items():
-            if getattr(self, key) is None:
+            if key not in self._explicit:
                 setattr(self, key, value)
+        self.act_range_factors = tuple(float(f) for f in self.act_range_factors)
+        self.skip_layers = list(self.skip_layers)
+        self._check_choices()
+        self._check_numbers()
+
+    def _check_choices(self) -> None:
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
         _check_bits("act_bits", self.act_bits, allow_none=True)
         _check_bits("first_last_bits", self.first_last_bits, allow_none=True)
-        _check_choice("method", self.method, METHODS)
-        _check_choice("weight_scale", self.weight_scale, SCALE_MODES)
-        _check_choice("weight_grid", self.weight_grid, GRIDS)
-        _check_choice("act_mode", self.act_mode, ACT_MODES)
-        _check_choice("act_fit", self.act_fit, ACT_FITS)
-        self.act_range_factors = tuple(float(f) for f in self.act_range_factors)
-        if not self.act_range_factors or min(self.act_range_factors) <= 0:
-            raise ValueError("act_range_factors must be a non-empty list of positive numbers (e.g. [0.8, 1.0, 1.25]).")
-        _check_choice("best_iterate_error", self.best_iterate_error, ERROR_MODES)
-        _check_choice("attention", self.attention, ATTENTION_MODES)
-        _check_choice("prediction", self.prediction, PREDICTION_TYPES)
-        _check_choice("solver", self.solver, SOLVERS)
-        _check_choice("rho_schedule", self.rho_schedule, RHO_SCHEDULES)
-        _check_choice("class_weights", self.class_weights, CLASS_WEIGHT_MODES)
-        _check_choice("solver_dtype", self.solver_dtype, ("float64", "float32"))
-        if isinstance(self.calib_augment, bool) or not isinstance(self.calib_augment, int) or self.calib_augment < 0:
-            raise ValueError(f"calib_augment={self.calib_augment!r} must be a non-negative integer (e.g. 2).")
-        _check_choice("act_fit_volumes", self.act_fit_volumes, ("all", "given"))
+        for name, choices in _CHOICES.items():
+            _check_choice(name, getattr(self, name), choices)
         if not isinstance(self.holdout, bool):
             raise ValueError(f"holdout={self.holdout!r} must be True or False.")
+
+    def _check_numbers(self) -> None:
+        if not self.act_range_factors or min(self.act_range_factors) <= 0:
+            raise ValueError("act_range_factors must be a non-empty list of positive numbers (e.g. [0.8, 1.0, 1.25]).")
+        if isinstance(self.calib_augment, bool) or not isinstance(self.calib_augment, int) or self.calib_augment < 0:
+            raise ValueError(f"calib_augment={self.calib_augment!r} must be a non-negative integer (e.g. 2).")
         if self.iterations < 1 or self.rho_step_every < 1:
             raise ValueError("iterations and rho_step_every must be positive integers.")
         if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
@@ -209,8 +228,34 @@ class EfficientQConfig:
             raise ValueError(f"patience={self.patience!r} must be a positive integer (e.g. 60) or None (no early stop).")
         if min(self.rho_factor, self.rho_cap_factor) <= 0 or self.eta_factor < 0:
             raise ValueError("rho_factor and rho_cap_factor must be > 0 and eta_factor >= 0.")
-        self.skip_layers = list(self.skip_layers)
+
+    @property
+    def preset_overrides(self) -> dict[str, Any]:
+        """The preset-controlled fields the caller set (at creation, or by assigning a value other than the
+        preset's), with their values; every other preset-controlled field holds the preset's value."""
+        preset = PRESETS[self.preset]
+        return {key: getattr(self, key) for key in preset if key in self._explicit or getattr(self, key) != preset[key]}
+
+    def replace(self, **changes: Any) -> EfficientQConfig:
+        """A new config with ``changes``, keeping the caller's settings: the preset-controlled fields the caller
+        did not set (see :attr:`preset_overrides`) follow the new config's preset, e.g.
+        ``EfficientQConfig(rtn_candidate=False).replace(preset="original")`` runs the original preset with
+        ``rtn_candidate=False`` kept, and every other original choice.
+
+        Args:
+            changes: fields to change (``None`` for a preset-controlled field: the preset's value).
+
+        Raises:
+            TypeError: an unknown field.
+            ValueError: an invalid value (checked as at creation).
+        """
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        overrides = self.preset_overrides
+        values.update({key: None for key in PRESETS[self.preset] if key not in overrides})
+        values.update(changes)
+        return EfficientQConfig(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as a dict of primitives (for reports and checkpoints)."""
+        """The settings that run, presets resolved, as a dict of primitives (for reports and checkpoints):
+        ``EfficientQConfig(**config.to_dict())`` gives the same run."""
         return dataclasses.asdict(self)

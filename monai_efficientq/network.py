@@ -9,6 +9,7 @@ quantized output on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionMaps, body_at, label_to_scores
+from .checkpoint import packed_size
 from .config import EfficientQConfig
 from .dataflow import edge_layers, first_tensor
 from .folding import find_conv_bn_pairs, fold_batchnorm, set_submodule
@@ -190,13 +192,7 @@ class _QuantizingRun:
         self.dtype = getattr(torch, cfg.solver_dtype)
         self.quantized: dict[str, nn.Module] = {}
         self.records: list[LayerRecord] = []
-        self.settings = SolverSettings(
-            iterations=cfg.iterations, rho_step_every=cfg.rho_step_every, rho_schedule=cfg.rho_schedule,
-            rho_factor=cfg.rho_factor,
-            eta_factor=cfg.eta_factor, rho_cap_factor=cfg.rho_cap_factor,
-            best_iterate_error=cfg.best_iterate_error, rtn_candidate=bool(cfg.rtn_candidate),
-            solver=cfg.solver, method=cfg.method, patience=cfg.patience,
-        )
+        self.settings = SolverSettings.from_config(cfg)
 
     def _bits(self, name: str) -> tuple[int, int | None]:
         cfg = self.cfg
@@ -206,24 +202,15 @@ class _QuantizingRun:
 
     @torch.no_grad()
     def quantize_layer(self, name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Quantize ``layer`` for its input ``x`` (which arrives through the quantized layers before it) and
-        return its quantized output."""
+        """Quantize ``layer`` for its input ``x`` (which arrives through the quantized layers before it), put the
+        quantized layer in :attr:`quantized`, record it and return its quantized output."""
         if name in self.quantized:
             raise LayerCalledTwiceError(f"layer '{name}' was called twice in the quantizing pass (shared weights).")
         t0, before = time.perf_counter(), self.timer.snapshot()
         weight_bits, act_bits = self._bits(name)
         y = self.targets.pop(name)
-        h_map = None
-        if self.attention is not None and not isinstance(layer, nn.Linear):
-            with self.timer("attention"):
-                h_map = self.attention.for_shape(y.shape[0], y.shape[2:])
-        act_quant = None
-        if act_bits is not None:
-            with self.timer("act_fit"):
-                act_quant = self._fit_input_quantizer(layer, x, y, h_map, act_bits)
-                xq = act_quant(x)
-        else:
-            xq = x
+        h_map = self._attention_map(layer, y)
+        act_quant, xq = self._quantized_input(layer, x, y, h_map, act_bits)
         sol = self._solve_weights(layer, xq, y, h_map, weight_bits)
         del y
         with self.timer("forward"):
@@ -236,6 +223,23 @@ class _QuantizingRun:
             out = qlayer(x)
         self._record(name, layer, sol, weight_bits, act_quant, act_bits, time.perf_counter() - t0, before)
         return out
+
+    def _attention_map(self, layer: nn.Module, y: torch.Tensor) -> torch.Tensor | None:
+        """The attention map at the resolution of the layer's output ``y`` (``None``: no attention, or a Linear)."""
+        if self.attention is None or isinstance(layer, nn.Linear):
+            return None
+        with self.timer("attention"):
+            return self.attention.for_shape(y.shape[0], y.shape[2:])
+
+    def _quantized_input(
+        self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None, act_bits: int | None
+    ) -> tuple[ActQuantizer | None, torch.Tensor]:
+        """The layer's input quantizer (``None`` for a float input) and its input as the layer will see it."""
+        if act_bits is None:
+            return None, x
+        with self.timer("act_fit"):
+            act_quant = self._fit_input_quantizer(layer, x, y, h_map, act_bits)
+            return act_quant, act_quant(x)
 
     def _fit_input_quantizer(
         self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None, act_bits: int
@@ -254,54 +258,72 @@ class _QuantizingRun:
             )
         return act_quant
 
+    def _layer_solver(self, layer: nn.Module, y: torch.Tensor, weight_bits: int) -> LayerSolver:
+        """A solver for ``layer``'s weights (in equivalent-convolution layout) and its output ``y``."""
+        w_mat = weight_matrix(layer).detach()
+        bias = layer.bias.detach().reshape(w_mat.shape[:2]) if layer.bias is not None else None
+        return LayerSolver(
+            w_mat.to(self.device), bias.to(self.device) if bias is not None else None,
+            UniformGrid(weight_bits, self.cfg.weight_grid), self.cfg.weight_scale == "channel", self.settings,
+            num_output_voxels(layer, y), self.dtype, self.timer,
+        )
+
     def _solve_weights(
         self, layer: nn.Module, xq: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None, weight_bits: int
     ) -> LayerSolution:
-        """Round-to-nearest, or EfficientQ on the Gram statistics streamed from ``xq`` and ``y``."""
-        cfg, timer = self.cfg, self.timer
-        w_mat = weight_matrix(layer).detach()
-        bias = layer.bias.detach().reshape(w_mat.shape[:2]) if layer.bias is not None else None
-        solver = LayerSolver(
-            w_mat.to(self.device), bias.to(self.device) if bias is not None else None,
-            UniformGrid(weight_bits, cfg.weight_grid), cfg.weight_scale == "channel", self.settings,
-            num_output_voxels(layer, y), self.dtype, timer,
-        )
-        if cfg.method == "rtn":  # no statistics needed: errors by a direct forward
-            with timer("scale_fit"):
-                sol = solver.round_to_nearest()
-            with timer("errors"):
-                y = y.to(self.device)
-                sol.error, sol.error_weighted = _relative_errors(layer, xq, sol.weight, sol.bias, y, h_map)
-                sol.rtn_error, sol.rtn_error_weighted = sol.error, sol.error_weighted
-            return sol
-        with timer("gram"):  # im2col chunks in the activations' dtype; the solver sums their products in solver_dtype
-            y_mat = output_matrix(layer, y)
+        """Round-to-nearest, or EfficientQ on the statistics streamed from ``xq`` and ``y``, with every error
+        the report gives."""
+        solver = self._layer_solver(layer, y, weight_bits)
+        if self.cfg.method == "rtn":
+            return self._round_to_nearest(solver, layer, xq, y, h_map)
+        with self.timer("gram"):  # im2col chunks in the activations' dtype; the solver sums their products
             h = h_map.reshape(-1).to(self.device) if h_map is not None else None
-            held_from = y_mat.shape[-1] - y_mat.shape[-1] // y.shape[0] if self.holdout else None
-            for cols, patches in input_patches(layer, xq.to(self.device), cfg.chunk_bytes, xq.dtype):
-                for part, piece, held in _split_columns(cols, patches, held_from):
-                    solver.add(piece, y_mat[..., part].to(self.device), h[part] if h is not None else None, held)
-            del y_mat
+            self._stream(solver, layer, xq, y, h)
         sol = solver.solve(attention_mean=float(h.mean()) if h is not None else 1.0)
         if math.isnan(sol.error):  # unweighted errors, measured directly by the layer's forward
-            with timer("errors"):
-                fit = slice(0, y.shape[0] - 1 if self.holdout else y.shape[0])  # on the fitted volumes
-                y_fit = y[fit].to(self.device)
-                sol.error = _relative_errors(layer, xq[fit], sol.weight, sol.bias, y_fit)[0]
-                sol.rtn_error = _relative_errors(layer, xq[fit], sol.rtn_weight, layer.bias, y_fit)[0]
+            with self.timer("errors"):
+                sol = self._with_unweighted_errors(sol, layer, xq, y)
         return sol
+
+    def _stream(
+        self, solver: LayerSolver, layer: nn.Module, xq: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None
+    ) -> None:
+        """Stream the layer's im2col columns into ``solver``; with ``holdout``, the last volume's are held out."""
+        y_mat = output_matrix(layer, y)
+        held_from = y_mat.shape[-1] - y_mat.shape[-1] // y.shape[0] if self.holdout else None
+        for cols, patches in input_patches(layer, xq.to(self.device), self.cfg.chunk_bytes, xq.dtype):
+            for part, piece, held in _split_columns(cols, patches, held_from):
+                solver.add(piece, y_mat[..., part].to(self.device), h[part] if h is not None else None, held)
+
+    def _round_to_nearest(
+        self, solver: LayerSolver, layer: nn.Module, xq: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None
+    ) -> LayerSolution:
+        """Round-to-nearest weights, their errors by a direct forward (no statistics needed)."""
+        with self.timer("scale_fit"):
+            sol = solver.round_to_nearest()
+        with self.timer("errors"):
+            error, error_weighted = _relative_errors(layer, xq, sol.weight, sol.bias, y.to(self.device), h_map)
+        return dataclasses.replace(
+            sol, error=error, error_weighted=error_weighted, rtn_error=error, rtn_error_weighted=error_weighted
+        )
+
+    def _with_unweighted_errors(
+        self, sol: LayerSolution, layer: nn.Module, xq: torch.Tensor, y: torch.Tensor
+    ) -> LayerSolution:
+        """``sol`` with its unweighted errors (and round-to-nearest's) measured on the fitted volumes."""
+        fit = slice(0, y.shape[0] - 1 if self.holdout else y.shape[0])
+        y_fit = y[fit].to(self.device)
+        error = _relative_errors(layer, xq[fit], sol.weight, sol.bias, y_fit)[0]
+        rtn_error = _relative_errors(layer, xq[fit], sol.rtn_weight, layer.bias, y_fit)[0]
+        return dataclasses.replace(sol, error=error, rtn_error=rtn_error)
 
     def _record(
         self, name: str, layer: nn.Module, sol: LayerSolution, weight_bits: int, act_quant: ActQuantizer | None,
         act_bits: int | None, seconds: float, before: dict[str, float],
     ) -> None:
-        record = LayerRecord(
-            name=name, type=type(layer).__name__, shape=list(layer.weight.shape), weight_bits=weight_bits,
-            act_bits=act_bits, act_signed=act_quant.signed if act_quant is not None else None,
-            rtn_error=sol.rtn_error, error=sol.error, rtn_error_weighted=sol.rtn_error_weighted,
-            error_weighted=sol.error_weighted, best_iteration=sol.best_iteration, solver=sol.solver,
-            held_out_rtn_error=sol.held_out_rtn_error, held_out_error=sol.held_out_error,
-            seconds=seconds, iterations_run=sol.iterations_run,
+        record = LayerRecord.from_solution(
+            sol, name=name, type=type(layer).__name__, shape=list(layer.weight.shape), weight_bits=weight_bits,
+            act_bits=act_bits, act_signed=act_quant.signed if act_quant is not None else None, seconds=seconds,
             phase_seconds={k: round(v, 4) for k, v in self.timer.since(before).items()},
         )
         self.records.append(record)
@@ -550,12 +572,7 @@ def _quantize_in_place(
     with timer("attention"):
         body = (x != 0).any(dim=1) if x.dim() >= 3 else None
         attention = _attention(cfg, float_out, x, body, label, attention_map)
-    edges: set[str] | None = None
-    if cfg.first_last_bits is not None:  # by data flow: every layer that reads the input or writes the output
-        with timer("edges"):
-            first, last = edge_layers(net, x, {n: layers[n] for n in recorder.order})
-        edges = set(first) | set(last)
-        log.info("First layers (input): %s; last layers (output): %s.", ", ".join(first), ", ".join(last))
+    edges = _edges(net, x, {n: layers[n] for n in recorder.order}, cfg, timer, log)
     progress = _progress_bar(len(recorder.order), cfg.progress)
     run = _QuantizingRun(
         cfg, recorder.targets, recorder.order, attention, device, log, progress, body, edges, given_volumes, holdout,
@@ -565,19 +582,8 @@ def _quantize_in_place(
         "EfficientQ: %d layers, %s W%d A%s, preset %s, on %s", len(recorder.order), cfg.method, cfg.weight_bits,
         cfg.act_bits if cfg.act_bits is not None else "-", cfg.preset, device,
     )
-    for name in recorder.order:
-        set_submodule(net, name, _PendingLayer(name, layers[name], run))
-    try:
-        q_out = net(x)
-    finally:
-        if progress is not None:
-            progress.close()
-        for name in recorder.order:
-            set_submodule(net, name, run.quantized.get(name, layers[name]))
+    q_out = _quantizing_forward(net, x, layers, run)
     set_quantization_info(net, QuantizedNetInfo([list(p) for p in pairs], cfg.to_dict()))
-
-    from .checkpoint import packed_size
-
     with timer("finish"):
         peak, kind = peak_memory(device)
         return QuantizationReport(
@@ -587,6 +593,34 @@ def _quantize_in_place(
             float_bytes=float_bytes, packed_bytes=packed_size(net), calibration_shape=given_shape,
             device=str(device), calib_agreement_dice=_agreement_dice(float_out, q_out, cfg.prediction == "sigmoid"),
         )
+
+
+def _edges(
+    net: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module], cfg: EfficientQConfig, timer: PhaseTimer,
+    log: logging.Logger,
+) -> set[str] | None:
+    """The layers that get ``first_last_bits`` (``None`` without): by data flow, every layer that reads the input
+    or writes the output."""
+    if cfg.first_last_bits is None:
+        return None
+    with timer("edges"):
+        first, last = edge_layers(net, x, layers)
+    log.info("First layers (input): %s; last layers (output): %s.", ", ".join(first), ", ".join(last))
+    return set(first) | set(last)
+
+
+def _quantizing_forward(net: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module], run: _QuantizingRun) -> Any:
+    """The forward pass in which every layer of ``run.order`` is quantized when reached; afterwards each holds its
+    quantized layer (the float one if the pass failed before it). Returns the quantized network's output."""
+    for name in run.order:
+        set_submodule(net, name, _PendingLayer(name, layers[name], run))
+    try:
+        return net(x)
+    finally:
+        if run.progress is not None:
+            run.progress.close()
+        for name in run.order:
+            set_submodule(net, name, run.quantized.get(name, layers[name]))
 
 
 def _with_other(phases: dict[str, float], total: float) -> dict[str, float]:

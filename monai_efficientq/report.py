@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,20 @@ class LayerRecord:
     iterations_run: int = 0
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def from_solution(cls, solution: Any, **layer: Any) -> LayerRecord:
+        """The record of a layer's :class:`~monai_efficientq.solver.LayerSolution`: every field of the same name
+        (errors, best iteration, solver, iterations run) from ``solution``, except ``seconds``, which is the
+        layer's whole time (input quantizer, statistics, solve, forward), not the solve's.
+
+        Args:
+            solution: the solver's solution.
+            layer: the other fields (``name``, ``type``, ``shape``, bits, ``seconds``, ``phase_seconds``).
+        """
+        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(solution)}
+        shared -= {"seconds", *layer}
+        return cls(**{name: getattr(solution, name) for name in shared}, **layer)
+
 
 @dataclass
 class QuantizationReport:
@@ -59,7 +74,9 @@ class QuantizationReport:
             ``other`` is the rest: the float layers of the quantizing forward pass, logging).
         peak_memory_mb: peak memory (``peak_memory_kind`` says which: CUDA allocated or process RSS).
         float_bytes: bytes of the float32 state dict.
-        packed_bytes: bytes of the packed checkpoint.
+        packed_bytes: bytes of the tensors the packed checkpoint stores (bit-packed codes, scales, biases and the
+            float state; the file :func:`~monai_efficientq.checkpoint.save_quantized` writes adds a few KB of
+            zip and pickle framing).
         calibration_shape: shape of the calibration volume.
         calib_agreement_dice: per-class Dice of the quantized vs the float prediction on the calibration volume.
         dice: evaluation Dice, filled by an evaluator (e.g. ``{"float": {...}, "quantized": {...}}``).
@@ -116,18 +133,31 @@ class QuantizationReport:
 
     def to_markdown(self, path: str | os.PathLike | None = None) -> str:
         """The report as Markdown; also written (atomically) to ``path`` if given."""
+        lines = ["# EfficientQ quantization report", ""] + self._summary_lines()
+        lines += _dice_table(self.dice)
+        lines += _phase_table(self.phase_seconds, self.total_seconds)
+        lines += _layer_table(self.layers)
+        if self.float_layers:
+            lines += ["", "## Left in float", "", "| layer | type | reason |", "|---|---|---|"]
+            lines += [f"| `{f['name']}` | {f['type']} | {f['reason']} |" for f in self.float_layers]
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    def _summary_lines(self) -> list[str]:
+        """The bullet list at the top: the settings, the calibration data, time, memory and size."""
         cfg = self.config
         act = cfg.get("act_bits")
+        first_last = cfg.get("first_last_bits")
         copies = f" and {cfg['calib_augment']} augmented copies of each" if cfg.get("calib_augment") else ""
         lines = [
-            "# EfficientQ quantization report",
-            "",
             f"- method: `{cfg.get('method')}`, preset: `{cfg.get('preset')}`, weights W{cfg.get('weight_bits')}"
             f", activations {'A' + str(act) if act else 'float'}, first/last layers "
-            f"{'W' + str(cfg.get('first_last_bits')) + ' float input' if cfg.get('first_last_bits') else 'as the others'}",
-            f"- scale: per {cfg.get('weight_scale')}, grid: {cfg.get('weight_grid')}, ADMM iterations: {cfg.get('iterations')}"
-            f", ρ doubles {cfg.get('rho_schedule')} the solve at every {cfg.get('rho_step_every')}th iteration, "
-            f"η factor {cfg.get('eta_factor')}",
+            f"{'W' + str(first_last) + ' float input' if first_last else 'as the others'}",
+            f"- scale: per {cfg.get('weight_scale')}, grid: {cfg.get('weight_grid')}, ADMM iterations: "
+            f"{cfg.get('iterations')}, ρ doubles {cfg.get('rho_schedule')} the solve at every "
+            f"{cfg.get('rho_step_every')}th iteration, η factor {cfg.get('eta_factor')}",
             f"- attention: {cfg.get('attention')}, class weights {cfg.get('class_weights')}; activation range fit: "
             f"{cfg.get('act_fit')}; calibration augmentation: {cfg.get('calib_augment') or 'none'}",
             f"- calibration volume: {self.calibration_shape}{copies}, device: {self.device}",
@@ -140,40 +170,38 @@ class QuantizationReport:
         if self.calib_agreement_dice:
             agree = ", ".join(f"{k} {v:.4f}" for k, v in self.calib_agreement_dice.items())
             lines.append(f"- Dice of quantized vs float prediction on the calibration volume: {agree}")
-        if self.dice:
-            lines += ["", "## Dice", "", "| model | " + " | ".join(_dice_columns(self.dice)) + " |"]
-            cols = _dice_columns(self.dice)
-            lines.append("|---" * (len(cols) + 1) + "|")
-            for model, values in self.dice.items():
-                lines.append(f"| {model} | " + " | ".join(_fmt(values.get(c)) for c in cols) + " |")
-        lines += _phase_table(self.phase_seconds, self.total_seconds)
-        lines += [
-            "",
-            "## Layers",
-            "",
-        ]
-        held = any(r.held_out_error is not None for r in self.layers)
-        head = "| # | layer | type | shape | W | A | RTN error | EfficientQ error |"
-        head += " held-out RTN error | held-out error |" if held else ""
-        lines += [head + " best it. | iterations | solver | seconds |", "|---" * (12 + 2 * held) + "|"]
-        for i, r in enumerate(self.layers):
-            a = "float" if r.act_bits is None else f"{r.act_bits}{'s' if r.act_signed else 'u'}"
-            held_cells = f" {_fmt_err(r.held_out_rtn_error)} | {_fmt_err(r.held_out_error)} |" if held else ""
-            lines.append(
-                f"| {i} | `{r.name}` | {r.type} | {'x'.join(map(str, r.shape))} | {r.weight_bits} | {a} | "
-                f"{r.rtn_error:.4g} | {r.error:.4g} |{held_cells} {r.best_iteration} | {r.iterations_run} | {r.solver} | "
-                f"{r.seconds:.2f} |"
-            )
-        if held:
-            lines += ["", "Held-out errors: on the last calibration volume, which the fit did not see; the layer kept "
-                      "the candidate (an ADMM iterate, or round-to-nearest: best it. -1) with the lowest one."]
-        if self.float_layers:
-            lines += ["", "## Left in float", "", "| layer | type | reason |", "|---|---|---|"]
-            lines += [f"| `{f['name']}` | {f['type']} | {f['reason']} |" for f in self.float_layers]
-        text = "\n".join(lines) + "\n"
-        if path is not None:
-            atomic_write_text(path, text)
-        return text
+        return lines
+
+
+def _dice_table(dice: dict[str, Any]) -> list[str]:
+    """The "Dice" section: one row per model, one column per class."""
+    if not dice:
+        return []
+    cols = _dice_columns(dice)
+    lines = ["", "## Dice", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for model, values in dice.items():
+        lines.append(f"| {model} | " + " | ".join(_fmt(values.get(c)) for c in cols) + " |")
+    return lines
+
+
+def _layer_table(layers: list[LayerRecord]) -> list[str]:
+    """The "Layers" section: bits, errors, the chosen iterate and time of each quantized layer."""
+    held = any(r.held_out_error is not None for r in layers)
+    head = "| # | layer | type | shape | W | A | RTN error | EfficientQ error |"
+    head += " held-out RTN error | held-out error |" if held else ""
+    lines = ["", "## Layers", "", head + " best it. | iterations | solver | seconds |", "|---" * (12 + 2 * held) + "|"]
+    for i, r in enumerate(layers):
+        a = "float" if r.act_bits is None else f"{r.act_bits}{'s' if r.act_signed else 'u'}"
+        held_cells = f" {_fmt_err(r.held_out_rtn_error)} | {_fmt_err(r.held_out_error)} |" if held else ""
+        lines.append(
+            f"| {i} | `{r.name}` | {r.type} | {'x'.join(map(str, r.shape))} | {r.weight_bits} | {a} | "
+            f"{r.rtn_error:.4g} | {r.error:.4g} |{held_cells} {r.best_iteration} | {r.iterations_run} | {r.solver} | "
+            f"{r.seconds:.2f} |"
+        )
+    if held:
+        lines += ["", "Held-out errors: on the last calibration volume, which the fit did not see; the layer kept "
+                  "the candidate (an ADMM iterate, or round-to-nearest: best it. -1) with the lowest one."]
+    return lines
 
 
 def _phase_table(phases: dict[str, float], total: float) -> list[str]:

@@ -5,20 +5,26 @@ patches ``Xq`` (with a row of ones for the bias), per-voxel attention ``H`` and 
 
     minimise over [W b], W on the grid:  ‖([W b]·Xq − Y)·H^½‖² + (η/2)·‖[W b] − [W0 b0]‖²
 
-:class:`LayerSolver` streams ``Xq``/``Y`` in chunk by chunk, keeping only the Gram matrices
-``A = Xq·H·Xqᵀ`` and ``B = Y·H·Xqᵀ`` (or, when the output has fewer voxels than unknowns, the
-``Xq``/``Y`` columns themselves, to solve through Woodbury), then solves once.
+(Zhang & Chung, Medical Image Analysis 97, 2024: the layer-wise reconstruction with attention, solved by ADMM.)
+:class:`LayerSolver` streams ``Xq``/``Y`` in chunk by chunk into the statistics of one solver strategy, chosen
+once per layer: the Gram matrices ``A = Xq·H·Xqᵀ`` and ``B = Y·H·Xqᵀ`` (Cholesky, or the plain solve used
+as a reference), or, when the output has fewer voxels than unknowns, the ``Xq``/``Y`` columns themselves
+(Woodbury). Either answers the same questions: the output errors of a candidate ``[W b]``, ``‖Y‖²``, ``B`` and
+the V-step ``R ↦ R·(2A + ρD + ηI)⁻¹``. The ADMM loop then runs once on them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
 import torch
 
+from .config import EfficientQConfig
 from .quantizer import UniformGrid, dequantize, fit_scale, project_to_grid
 from .timing import PhaseTimer
 
@@ -32,7 +38,9 @@ _MIN_IMPROVEMENT = 1e-4
 
 @dataclass
 class SolverSettings:
-    """The ADMM settings of one layer (see :class:`~monai_efficientq.config.EfficientQConfig`)."""
+    """The settings of :class:`~monai_efficientq.config.EfficientQConfig` that the ADMM of one layer reads
+    (same names, same defaults as the default preset; :meth:`from_config` takes them from a config), plus
+    ``record_history``: keep every iterate in :attr:`LayerSolution.history`."""
 
     iterations: int = 200
     rho_step_every: int = 50
@@ -44,8 +52,19 @@ class SolverSettings:
     rtn_candidate: bool = True
     solver: str = "auto"
     method: str = "efficientq"
-    patience: int | None = None
+    patience: int | None = 60
     record_history: bool = False
+
+    @classmethod
+    def from_config(cls, config: EfficientQConfig, record_history: bool = False) -> SolverSettings:
+        """The settings of the same name of ``config`` (an :class:`~monai_efficientq.config.EfficientQConfig`).
+
+        Args:
+            config: the run's configuration (presets resolved).
+            record_history: keep every iterate.
+        """
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "record_history"]
+        return cls(**{name: getattr(config, name) for name in names}, record_history=record_history)
 
 
 @dataclass
@@ -80,7 +99,8 @@ class LayerSolution:
     iterations_run: int = 0
 
 
-class _ErrorTerms:
+# --------------------------------------------------------------------------------------------- error terms
+class _GramTerms:
     """Gram statistics of one weighting: ``A = X·H·Xᵀ``, ``B = Y·H·Xᵀ``, ``yy = Σ H·Y²``.
 
     Each chunk's products are computed in the chunk's dtype (float32 for network activations: the
@@ -111,7 +131,7 @@ class _ErrorTerms:
             wb: the weights with the bias column.
             exact: evaluate the quadratic term in ``dtype``; ``False`` evaluates it in float32 (used to rank
                 the ADMM iterates: one matrix product per iteration, as costly as the V-step, whose rounding,
-                about 1e-6 of ``‖Y‖²``, is far below the differences between iterates that matter).
+                about 1e-6 of ``‖Y‖²``, is far below the differences between iterates that matter at 2-3 bits).
         """
         if exact:
             quad = float(((wb @ self.A) * wb).sum())
@@ -124,7 +144,7 @@ class _ErrorTerms:
 
 
 class _ColumnTerms:
-    """The interface of :class:`_ErrorTerms` over stored columns ``(X, Y, H)``: for layers with fewer output voxels
+    """The interface of :class:`_GramTerms` over stored columns ``(X, Y, H)``: for layers with fewer output voxels
     than unknowns, where the columns are smaller than the Gram matrices."""
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -141,7 +161,7 @@ class _ColumnTerms:
         self._fast = None
 
     def error(self, wb: torch.Tensor, exact: bool = True) -> float:
-        """``‖[W b]·X − Y‖²_H`` over the stored columns (``exact=False``: in float32, as ``_ErrorTerms.error``)."""
+        """``‖[W b]·X − Y‖²_H`` over the stored columns (``exact=False``: in float32, as ``_GramTerms.error``)."""
         return self.errors(wb, exact)[0]
 
     def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
@@ -169,7 +189,7 @@ class _ColumnTerms:
 
     @property
     def A(self) -> torch.Tensor:
-        """``Σ X·H·Xᵀ`` (dense; only the reference solver needs it)."""
+        """``Σ X·H·Xᵀ``."""
         return sum((x if h is None else x * h) @ x.transpose(1, 2) for x, _, h in self.columns)
 
     @property
@@ -178,6 +198,265 @@ class _ColumnTerms:
         return sum((y if h is None else y * h) @ x.transpose(1, 2) for x, y, h in self.columns)
 
 
+# --------------------------------------------------------------------------------------------- strategies
+class _Statistics(ABC):
+    """The fitted columns' statistics of one solver strategy and the V-step they give.
+
+    Args:
+        dtype: the solve dtype (sums, iterates).
+        keep_unweighted: also keep what gives the unweighted errors exactly (for unweighted best-iterate
+            selection).
+    """
+
+    name = ""
+
+    def __init__(self, dtype: torch.dtype, keep_unweighted: bool) -> None:
+        self.dtype = dtype
+        self.keep_unweighted = keep_unweighted
+
+    @abstractmethod
+    def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype in which a chunk arriving in ``dtype`` is added."""
+
+    @abstractmethod
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
+        """Add a chunk: patches ``x`` (with the ones row), targets ``y``, attention ``h`` or ``None``."""
+
+    @abstractmethod
+    def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
+        """``(weighted, unweighted)`` squared output errors of ``[W b]``; the unweighted one is ``nan`` when
+        these statistics cannot give it."""
+
+    @abstractmethod
+    def norms(self) -> tuple[float, float]:
+        """``(Σ H·Y², Σ Y²)``, ``nan`` for the second as in :meth:`errors`."""
+
+    @abstractmethod
+    def target_product(self) -> torch.Tensor:
+        """``B = Y·H·Xᵀ``."""
+
+    @abstractmethod
+    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``R ↦ R·(2A + diag(lam))⁻¹``, factorised once."""
+
+    @abstractmethod
+    def held_out_terms(self) -> _GramTerms | _ColumnTerms:
+        """Empty terms of the same kind, for held-out columns (ranked, never fitted)."""
+
+
+class _GramStatistics(_Statistics):
+    """Gram matrices; the V-step through one Cholesky factorisation per ρ."""
+
+    name = "cholesky"
+
+    def __init__(self, dtype: torch.dtype, keep_unweighted: bool) -> None:
+        super().__init__(dtype, keep_unweighted)
+        self.weighted = _GramTerms(dtype)
+        self.unweighted: _GramTerms | None = None
+        self.uniform = True  # no attention weights streamed so far: the weighted terms are the unweighted ones
+
+    def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype  # products in the chunk's own dtype (float32 activations), summed in the solve dtype
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
+        self.uniform = self.uniform and h is None
+        self.weighted.add(x, y, h)
+        if h is not None and self.keep_unweighted:
+            if self.unweighted is None:
+                self.unweighted = _GramTerms(self.dtype)
+            self.unweighted.add(x, y, None)
+
+    def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
+        weighted = self.weighted.error(wb, exact)
+        if self.unweighted is not None:
+            return weighted, self.unweighted.error(wb, exact)
+        return weighted, weighted if self.uniform else math.nan
+
+    def norms(self) -> tuple[float, float]:
+        yy_w = self.weighted.yy
+        if self.unweighted is not None:
+            return yy_w, self.unweighted.yy
+        return yy_w, yy_w if self.uniform else math.nan
+
+    def target_product(self) -> torch.Tensor:
+        return self.weighted.B
+
+    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        m = 2 * self.weighted.A
+        m.diagonal(dim1=-2, dim2=-1).add_(lam)
+        m_inv = torch.cholesky_inverse(_cholesky(m))
+        return lambda r: r @ m_inv
+
+    def held_out_terms(self) -> _GramTerms:
+        return _GramTerms(self.dtype)
+
+
+class _PlainSolveStatistics(_GramStatistics):
+    """Gram matrices; the V-step by a fresh ``torch.linalg.solve`` every iteration (the reference)."""
+
+    name = "naive"
+
+    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        a = self.weighted.A
+        m = 2 * a + torch.diag_embed(lam).expand_as(a)
+        return lambda r: torch.linalg.solve(m, r.transpose(1, 2)).transpose(1, 2)
+
+
+class _ColumnStatistics(_Statistics):
+    """The columns themselves (in the solve dtype); the V-step through the Woodbury identity on
+    ``2A = S·Sᵀ``: one ``P×P`` Cholesky factorisation per ρ."""
+
+    name = "woodbury"
+
+    def __init__(self, dtype: torch.dtype, keep_unweighted: bool) -> None:
+        super().__init__(dtype, keep_unweighted)
+        self.terms = _ColumnTerms(dtype)
+
+    def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.dtype  # the columns are kept: stored in the solve dtype
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
+        self.terms.add(x, y, h)
+
+    def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
+        return self.terms.errors(wb, exact)  # the columns give both in one pass
+
+    def norms(self) -> tuple[float, float]:
+        return self.terms.yy, self.terms.yy_unweighted()
+
+    def target_product(self) -> torch.Tensor:
+        return self.terms.B
+
+    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        s = self.terms.scaled_columns()
+        s_scaled = s / lam[:, None]
+        core = s.transpose(1, 2) @ s_scaled
+        core.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        core_inv = torch.cholesky_inverse(_cholesky(core))
+
+        def apply(r: torch.Tensor) -> torch.Tensor:
+            r_lam = r / lam
+            return r_lam - ((r_lam @ s) @ core_inv) @ s_scaled.transpose(1, 2)
+
+        return apply
+
+    def held_out_terms(self) -> _ColumnTerms:
+        return _ColumnTerms(self.dtype)
+
+
+_STRATEGIES: dict[str, type[_Statistics]] = {
+    "cholesky": _GramStatistics,
+    "naive": _PlainSolveStatistics,
+    "woodbury": _ColumnStatistics,
+}
+
+
+def _choose_strategy(requested: str, num_columns: int, k1: int, eta_factor: float, has_bias: bool) -> str:
+    """The solver strategy: ``requested``, or for ``"auto"`` the cheaper V-step (P columns through Woodbury,
+    or the dense ``K×K`` inverse); never Woodbury when ``η = 0`` with a bias (the diagonal part would be
+    singular at the bias position)."""
+    mode = requested
+    if mode == "auto":
+        mode = "woodbury" if _woodbury_is_cheaper(num_columns, k1) else "cholesky"
+    if mode == "woodbury" and eta_factor == 0 and has_bias:
+        mode = "cholesky"
+    return mode
+
+
+@dataclass
+class _TargetMoments:
+    """Running sums over the fitted columns: of ``Y`` and ``Y²`` (in float64) and of the attention weights."""
+
+    y_sum: float = 0.0
+    y_sq: float = 0.0
+    y_count: int = 0
+    h_sum: float = 0.0
+    h_count: int = 0
+
+    def add(self, y: torch.Tensor, h: torch.Tensor | None) -> None:
+        self.y_sum += float(y.sum(dtype=torch.float64))
+        self.y_sq += float((y * y).sum(dtype=torch.float64))
+        self.y_count += y.numel()
+        self.h_sum += float(h.sum()) if h is not None else float(y.shape[-1])
+        self.h_count += y.shape[-1]
+
+    def attention_mean(self) -> float:
+        return self.h_sum / max(self.h_count, 1)
+
+    def y_std(self) -> float:
+        """The sample standard deviation of ``Y``."""
+        n = self.y_count
+        var_y = max(self.y_sq / n - (self.y_sum / n) ** 2, 0.0) * n / max(n - 1, 1)
+        return math.sqrt(var_y)
+
+
+# --------------------------------------------------------------------------------------------- ADMM state
+@dataclass
+class _Candidate:
+    """One candidate solution: round-to-nearest (``iteration`` -1) or an ADMM iterate, with its ranking error."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    iteration: int
+    err: float = math.inf
+
+    @property
+    def wb(self) -> torch.Tensor:
+        return _with_bias(self.weight, self.bias)
+
+
+@dataclass
+class _AdmmResult:
+    """What an ADMM run returns: the best candidate (``None`` if none had a finite error and no starting
+    candidate was given), the number of iterations run and the recorded iterates."""
+
+    best: _Candidate | None
+    iterations_run: int
+    history: list[dict[str, torch.Tensor]]
+
+
+@dataclass
+class _Selection:
+    """The best candidate so far and the early-stop bookkeeping: the iteration of the last improvement of more
+    than ``_MIN_IMPROVEMENT`` (relative) and the error it reached."""
+
+    best: _Candidate | None
+    last_better: int = -1
+    reference: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reference = self.best.err if self.best is not None else math.inf
+
+    def offer(self, candidate: _Candidate, iteration: int) -> None:
+        """Keep ``candidate`` if it ranks lower than the best one."""
+        if candidate.err < (self.best.err if self.best is not None else math.inf):
+            self.best = candidate
+            if candidate.err < self.reference * (1 - _MIN_IMPROVEMENT) or not math.isfinite(self.reference):
+                self.last_better, self.reference = iteration, candidate.err
+
+    def stalled(self, iteration: int, patience: int | None) -> bool:
+        """No real improvement for ``patience`` iterations (never with ``patience=None``)."""
+        return patience is not None and iteration - self.last_better >= patience
+
+
+@dataclass
+class _AdmmState:
+    """The ADMM variables: penalty ``ρ``, grid point ``G``, scaled dual ``U`` and the scale of ``G``."""
+
+    rho: float
+    g: torch.Tensor
+    u: torch.Tensor
+    scale: torch.Tensor
+
+    def double_rho(self, rho_cap: float) -> None:
+        """ρ doubles (at most ``rho_cap``) and the scaled dual ``U`` shrinks with it, keeping ``ρ·U``."""
+        new_rho = min(2 * self.rho, rho_cap)
+        self.rho, self.u = new_rho, self.u * (self.rho / new_rho)
+
+
+# --------------------------------------------------------------------------------------------- the solver
 class LayerSolver:
     """Accumulates one layer's statistics chunk by chunk, then solves it once.
 
@@ -189,7 +468,7 @@ class LayerSolver:
         settings: ADMM settings.
         num_columns: ``P``, the number of output voxels that will be streamed in.
         dtype: dtype of the statistics and iterates.
-        timer: where the seconds of each phase are added (``gram``, ``scale_fit``, ``admm_*``, ``errors``).
+        timer: where the seconds of each phase are added (``scale_fit``, ``admm_*``, ``errors``).
     """
 
     def __init__(
@@ -212,25 +491,15 @@ class LayerSolver:
         self.settings = settings
         self.dtype = dtype
         self.num_columns = num_columns
-        groups, _, k = self.w0.shape
-        self.k1 = k + int(self.has_bias)
-        mode = settings.solver
-        if mode == "auto":  # the cheaper V-step: P columns through Woodbury, or the dense K×K inverse
-            mode = "woodbury" if _woodbury_is_cheaper(num_columns, self.k1) else "cholesky"
-        if mode == "woodbury" and settings.eta_factor == 0 and self.has_bias:
-            mode = "cholesky"  # the diagonal part would be singular at the bias position
-        self.mode = mode
-        # the fitted columns' statistics: Gram matrices, or (Woodbury) the columns themselves
-        self.weighted: _ErrorTerms | _ColumnTerms = _ColumnTerms(dtype) if mode == "woodbury" else _ErrorTerms(dtype)
-        self.unweighted: _ErrorTerms | None = None
-        self._y_sum = 0.0
-        self._y_sq = 0.0
-        self._y_count = 0
-        self._h_sum = 0.0
-        self._h_count = 0
+        self.k1 = self.w0.shape[-1] + int(self.has_bias)
+        self.mode = _choose_strategy(settings.solver, num_columns, self.k1, settings.eta_factor, self.has_bias)
+        self.statistics = self._new_statistics()
+        self.held: _GramTerms | _ColumnTerms | None = None  # held-out columns: rank the iterates, never fitted
+        self._moments = _TargetMoments()
         self._seen = 0
-        self._uniform = True  # no attention weights streamed so far
-        self.held: _ErrorTerms | _ColumnTerms | None = None  # held-out columns: rank the iterates, never fitted
+
+    def _new_statistics(self) -> _Statistics:
+        return _STRATEGIES[self.mode](self.dtype, self.settings.best_iterate_error == "unweighted")
 
     def _with_ones(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_bias:
@@ -249,35 +518,23 @@ class LayerSolver:
             held_out: these columns are not fitted; the ADMM iterate (or the round-to-nearest weights) with the
                 lowest error on them is kept (weighted or not as ``best_iterate_error`` says).
         """
+        self._seen += y.shape[-1]
         if held_out:
             self._add_held_out(x, y, h)
             return
-        if self.mode == "woodbury":  # the columns are kept: store them in the solve dtype
-            x, y = x.to(self.dtype), y.to(self.dtype)
-        else:  # products in the chunk's own dtype (float32 activations), summed in the solve dtype
-            y = y.to(x.dtype)
-        x = self._with_ones(x)
-        hw = h.to(x.dtype) if h is not None else None
-        self._uniform = self._uniform and hw is None
-        self._y_sum += float(y.sum(dtype=torch.float64))
-        self._y_sq += float((y * y).sum(dtype=torch.float64))
-        self._y_count += y.numel()
-        self._h_sum += float(hw.sum()) if hw is not None else float(y.shape[-1])
-        self._h_count += y.shape[-1]
-        self._seen += y.shape[-1]
-        self.weighted.add(x, y, hw)
-        if hw is not None and self.settings.best_iterate_error == "unweighted" and self.mode != "woodbury":
-            if self.unweighted is None:
-                self.unweighted = _ErrorTerms(self.dtype)
-            self.unweighted.add(x, y, None)
+        work = self.statistics.chunk_dtype(x.dtype)
+        x = self._with_ones(x.to(work))
+        y = y.to(work)
+        hw = h.to(work) if h is not None else None
+        self._moments.add(y, hw)
+        self.statistics.add(x, y, hw)
 
     def _add_held_out(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
         if self.held is None:
-            self.held = _ColumnTerms(self.dtype) if self.mode == "woodbury" else _ErrorTerms(self.dtype)
+            self.held = self.statistics.held_out_terms()
         x = self._with_ones(x)
         weighted = h is not None and self.settings.best_iterate_error == "weighted"
         self.held.add(x, y.to(x.dtype), h.to(x.dtype) if weighted else None)
-        self._seen += y.shape[-1]
 
     @property
     def _exact_rank(self) -> bool:
@@ -292,40 +549,24 @@ class LayerSolver:
         calibration error chosen by ``best_iterate_error`` (see ``_exact_rank`` for its precision)."""
         if self.held is not None:
             return self.held.error(wb, exact=self._exact_rank)
-        err_w, err_u = self._errors(wb, exact=self._exact_rank)
+        err_w, err_u = self.statistics.errors(wb, exact=self._exact_rank)
         return err_w if self.settings.best_iterate_error == "weighted" else err_u
 
     # ----------------------------------------------------------------------------------------- solve
     def _scale_s(self, attention_mean: float) -> float:
         """``s = max(numel(Y)·std(Y) / (numel(W)·std(W)), 1) · mean(attention)``."""
-        n = self._y_count
-        var_y = max(self._y_sq / n - (self._y_sum / n) ** 2, 0.0) * n / max(n - 1, 1)
+        n = self._moments.y_count
         std_w = float(self.w0.std()) if self.w0.numel() > 1 else 0.0
-        ratio = n * math.sqrt(var_y) / (self.w0.numel() * std_w) if std_w > 0 else 1.0
+        ratio = n * self._moments.y_std() / (self.w0.numel() * std_w) if std_w > 0 else 1.0
         return max(ratio, 1.0) * attention_mean
 
-    def _errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
-        """(weighted, unweighted) squared output errors of ``[W b]`` (``exact=False``: see ``_ErrorTerms.error``)."""
-        if isinstance(self.weighted, _ColumnTerms):  # the columns give both in one pass
-            return self.weighted.errors(wb, exact)
-        weighted = self.weighted.error(wb, exact)
-        if self.unweighted is not None:
-            return weighted, self.unweighted.error(wb, exact)
-        return weighted, weighted if self._uniform else math.nan
-
-    def _yy(self) -> tuple[float, float]:
-        yy_w = self.weighted.yy
-        if isinstance(self.weighted, _ColumnTerms):
-            return yy_w, self.weighted.yy_unweighted()
-        if self.unweighted is not None:
-            return yy_w, self.unweighted.yy
-        return yy_w, yy_w if self._uniform else math.nan
-
     def _refine(self, v: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ADMM's projection of ``v`` onto the grid, its scale warm-started from ``scale``: ``(scale, codes, G)``."""
+        """ADMM's projection of ``v`` onto the grid, its scale warm-started from ``scale``: ``(scale, codes, G)``,
+        ``G`` in ``v``'s dtype (the projection itself runs in float64)."""
         if bool((scale > 0).all()):
-            scale, codes, g = project_to_grid(v.reshape(-1, v.shape[-1]), self.grid, self.per_channel, scale)
-            return scale, codes.reshape(v.shape), g.reshape(v.shape)
+            rows = v.reshape(-1, v.shape[-1]).to(torch.float64)
+            scale, codes, g = project_to_grid(rows, self.grid, self.per_channel, scale)
+            return scale, codes.reshape(v.shape), g.reshape(v.shape).to(v.dtype)
         g, scale, codes = self._project(v, scale)  # a zero row: the checked path
         return scale, codes, g
 
@@ -343,30 +584,9 @@ class LayerSolver:
             lam[-1] = eta
         return lam
 
-    def _make_inverse(self, rho: float, eta: float):
-        """A function ``R ↦ R·(2A + ρD + ηI)⁻¹`` for this ρ (one factorization)."""
-        lam = self._diag(rho, eta)
-        if self.mode == "naive":
-            a = self.weighted.A
-            m = 2 * a + torch.diag_embed(lam).expand_as(a)
-            return lambda r: torch.linalg.solve(m, r.transpose(1, 2)).transpose(1, 2)
-        if self.mode == "woodbury":
-            s = self.weighted.scaled_columns()
-            s_scaled = s / lam[:, None]
-            core = s.transpose(1, 2) @ s_scaled
-            core.diagonal(dim1=-2, dim2=-1).add_(1.0)
-            core_inv = torch.cholesky_inverse(_cholesky(core))
-
-            def apply(r: torch.Tensor) -> torch.Tensor:
-                r_lam = r / lam
-                return r_lam - ((r_lam @ s) @ core_inv) @ s_scaled.transpose(1, 2)
-
-            return apply
-        a = self.weighted.A
-        m = 2 * a
-        m.diagonal(dim1=-2, dim2=-1).add_(lam)
-        m_inv = torch.cholesky_inverse(_cholesky(m))
-        return lambda r: r @ m_inv
+    def _rtn_candidate(self) -> _Candidate:
+        rtn_w, rtn_scale, rtn_codes = self._project(self.w0, None)
+        return _Candidate(rtn_codes, rtn_scale, rtn_w, self.b0, iteration=-1)
 
     @torch.no_grad()
     def round_to_nearest(self) -> LayerSolution:
@@ -376,17 +596,17 @@ class LayerSolver:
         by a direct forward of the layer), which is far cheaper than accumulating Gram matrices for them.
         """
         t0 = time.perf_counter()
-        rtn_w, rtn_scale, rtn_codes = self._project(self.w0, None)
+        rtn = self._rtn_candidate()
         nan = math.nan
         return LayerSolution(
-            codes=rtn_codes, scale=rtn_scale, weight=rtn_w, bias=self.b0, rtn_weight=rtn_w, rtn_error=nan,
+            codes=rtn.codes, scale=rtn.scale, weight=rtn.weight, bias=self.b0, rtn_weight=rtn.weight, rtn_error=nan,
             rtn_error_weighted=nan, error=nan, error_weighted=nan, best_iteration=-1, solver="rtn",
             seconds=time.perf_counter() - t0,
         )
 
     @torch.no_grad()
     def solve(self, attention_mean: float | None = None) -> LayerSolution:
-        """Run ADMM (or RTN) on the accumulated statistics.
+        """Run ADMM (or RTN) on the accumulated statistics, then release them.
 
         Args:
             attention_mean: mean of this layer's attention map (default: the mean of the streamed weights).
@@ -394,115 +614,115 @@ class LayerSolver:
         if self._seen != self.num_columns:
             raise RuntimeError(f"LayerSolver got {self._seen} of {self.num_columns} output columns before solve().")
         t0 = time.perf_counter()
-        st = self.settings
         if attention_mean is None:
-            attention_mean = self._h_sum / max(self._h_count, 1)
-
-        # round to nearest: the floor, and a candidate iterate ranked like the ADMM ones
-        with self.timer("scale_fit"):
-            rtn_w, rtn_scale, rtn_codes = self._project(self.w0, None)
-        rtn = _Candidate(rtn_codes, rtn_scale, rtn_w, self.b0, iteration=-1)
+            attention_mean = self._moments.attention_mean()
+        with self.timer("scale_fit"):  # round to nearest: the floor, and a candidate ranked like the ADMM iterates
+            rtn = self._rtn_candidate()
         with self.timer("admm_rank"):
             rtn.err = self._rank(rtn.wb)
         s = self._scale_s(attention_mean)
-        history: list[dict[str, torch.Tensor]] = []
-        best, iterations_run = rtn, 0
-        if st.method == "efficientq":
-            found, iterations_run = self._admm(s, rtn if st.rtn_candidate else None, history, rtn_scale)
-            best = found if found is not None else rtn
+        result = _AdmmResult(rtn, 0, [])
+        if self.settings.method == "efficientq":
+            result = self._admm(s, rtn if self.settings.rtn_candidate else None, rtn.scale)
         with self.timer("errors"):
-            solution = self._solution(best, rtn, s, history)
-        solution.iterations_run = iterations_run
-        solution.seconds = time.perf_counter() - t0
-        self.weighted = _ColumnTerms(self.dtype) if self.mode == "woodbury" else _ErrorTerms(self.dtype)
-        self.unweighted = None
+            solution = self._solution(result, rtn, s, t0)
+        self.statistics, self.held = self._new_statistics(), None
         return solution
 
-    def _solution(self, best: _Candidate, rtn: _Candidate, s: float, history: list) -> LayerSolution:
-        """The chosen candidate with its errors (exact, relative to ``‖Y‖²``) and those of round-to-nearest."""
-        yy_w, yy_u = self._yy()
-        yy_w, yy_u = max(yy_w, 1e-300), max(yy_u, 1e-300) if not math.isnan(yy_u) else yy_u
-        rtn_wb, best_wb = rtn.wb, best.wb
-        rtn_err_w, rtn_err_u = self._errors(rtn_wb)
-        best_err_w, best_err_u = self._errors(best_wb) if best is not rtn else (rtn_err_w, rtn_err_u)
-        solution = LayerSolution(
-            codes=best.codes.to(torch.int64), scale=best.scale, weight=best.weight, bias=best.bias, rtn_weight=rtn.weight,
-            rtn_error=rtn_err_u / yy_u, rtn_error_weighted=rtn_err_w / yy_w,
-            error=best_err_u / yy_u, error_weighted=best_err_w / yy_w,
-            best_iteration=best.iteration, solver=self.mode if self.settings.method == "efficientq" else "rtn",
-            seconds=0.0, s=s, history=history,
+    def _solution(self, result: _AdmmResult, rtn: _Candidate, s: float, t0: float) -> LayerSolution:
+        """The best candidate with its errors (exact, relative to ``‖Y‖²``) and those of round-to-nearest."""
+        best = result.best if result.best is not None else rtn
+        yy_w, yy_u = (_floor(yy) for yy in self.statistics.norms())
+        rtn_err_w, rtn_err_u = self.statistics.errors(rtn.wb)
+        best_err_w, best_err_u = self.statistics.errors(best.wb) if best is not rtn else (rtn_err_w, rtn_err_u)
+        held_rtn, held_best = self._held_out_errors(rtn, best)
+        return LayerSolution(
+            codes=best.codes.to(torch.int64), scale=best.scale, weight=best.weight, bias=best.bias,
+            rtn_weight=rtn.weight, rtn_error=rtn_err_u / yy_u, rtn_error_weighted=rtn_err_w / yy_w,
+            error=best_err_u / yy_u, error_weighted=best_err_w / yy_w, best_iteration=best.iteration,
+            solver=self.mode if self.settings.method == "efficientq" else "rtn", seconds=time.perf_counter() - t0,
+            s=s, history=result.history, held_out_rtn_error=held_rtn, held_out_error=held_best,
+            iterations_run=result.iterations_run,
         )
-        if self.held is not None:
-            held_yy = max(self.held.yy, 1e-300)
-            solution.held_out_rtn_error = self.held.error(rtn_wb) / held_yy
-            solution.held_out_error = self.held.error(best_wb) / held_yy
-            self.held = None
-        return solution
 
-    def _admm(
-        self, s: float, best: _Candidate | None, history: list, start_scale: torch.Tensor
-    ) -> tuple[_Candidate | None, int]:
-        """ADMM from the float weights; returns the best candidate (``best``, e.g. the round-to-nearest weights,
-        unless an iterate ranks lower; ``None`` if ``best`` was None and no iterate had a finite error) and the
-        number of iterations run.
+    def _held_out_errors(self, rtn: _Candidate, best: _Candidate) -> tuple[float | None, float | None]:
+        """The exact relative errors of round-to-nearest and of ``best`` on the held-out columns, if any."""
+        if self.held is None:
+            return None, None
+        held_yy = max(self.held.yy, 1e-300)
+        return self.held.error(rtn.wb) / held_yy, self.held.error(best.wb) / held_yy
+
+    def _admm(self, s: float, start: _Candidate | None, start_scale: torch.Tensor) -> _AdmmResult:
+        """ADMM from the float weights. The best candidate is ``start`` (e.g. the round-to-nearest weights) unless
+        an iterate ranks lower; the grid projection's scale fit is warm-started from ``start_scale``, then from
+        the previous iterate's.
 
         With ``patience``, it stops once the best candidate's error has not fallen by more than
         ``_MIN_IMPROVEMENT`` (relative) for that many iterations.
         """
-        st, timer = self.settings, self.timer
-        eta, rho, rho_cap = st.eta_factor * s, st.rho_factor * s, st.rho_cap_factor * s
-        b2_prior = 2 * self.weighted.B + _with_bias(self.w0, self.b0) * eta
-        g, u = self.w0.clone(), torch.zeros_like(self.w0)
-        inverse, inverse_rho = None, None
-        scale, k = start_scale, self.w0.shape[-1]  # the scale fit is warm-started from the previous iterate
-        last_better, reference = -1, best.err if best is not None else math.inf  # the last real improvement
+        st = self.settings
+        eta, rho_cap = st.eta_factor * s, st.rho_cap_factor * s
+        state = _AdmmState(st.rho_factor * s, self.w0.clone(), torch.zeros_like(self.w0), start_scale)
+        v_step = _VStepCache(self.statistics, lambda rho: self._diag(rho, eta))
+        b2_prior = 2 * self.statistics.target_product() + _with_bias(self.w0, self.b0) * eta
+        selection, history = _Selection(start), []
         it = 0
         for it in range(st.iterations):
             t0 = time.perf_counter()
             step_rho = it % st.rho_step_every == 0
             if step_rho and st.rho_schedule == "before":
-                rho, u = _double_rho(rho, rho_cap, u)
-            if rho != inverse_rho:
-                inverse, inverse_rho = self._make_inverse(rho, eta), rho  # one factorization per distinct ρ
-            target = _with_bias(g - u, torch.zeros_like(self.b0) if self.has_bias else None)
-            vb = inverse(b2_prior + rho * target)
-            v, bias = vb[..., :k], (vb[..., k] if self.has_bias else None)
-            t1 = time.perf_counter()
-            scale, codes, g = self._refine(v + u, scale)
-            u = u + v - g
-            t2 = time.perf_counter()
-            candidate = _Candidate(codes, scale, g, bias, iteration=it)
-            candidate.err = self._rank(candidate.wb)
-            timer.add("admm_solve", t1 - t0)
-            timer.add("admm_project", t2 - t1)
-            timer.add("admm_rank", time.perf_counter() - t2)
+                state.double_rho(rho_cap)
+            candidate, vb = self._admm_iteration(state, v_step(state.rho), b2_prior, it, t0)
             if st.record_history:
-                history.append({"v": vb.clone(), "codes": codes.clone(), "scale": scale.clone(), "rho": torch.tensor(rho)})
-            if candidate.err < (best.err if best is not None else math.inf):
-                best = candidate
-                if best.err < reference * (1 - _MIN_IMPROVEMENT) or not math.isfinite(reference):
-                    last_better, reference = it, best.err
+                history.append({"v": vb.clone(), "codes": candidate.codes.clone(), "scale": state.scale.clone(),
+                                "rho": torch.tensor(state.rho)})
+            selection.offer(candidate, it)
             if step_rho and st.rho_schedule == "after":
-                rho, u = _double_rho(rho, rho_cap, u)
-            if st.patience is not None and it - last_better >= st.patience:
+                state.double_rho(rho_cap)
+            if selection.stalled(it, st.patience):
                 break
-        return best, it + 1
+        return _AdmmResult(selection.best, it + 1, history)
+
+    def _admm_iteration(
+        self, state: _AdmmState, inverse: Callable[[torch.Tensor], torch.Tensor], b2_prior: torch.Tensor,
+        iteration: int, t0: float,
+    ) -> tuple[_Candidate, torch.Tensor]:
+        """One ADMM iteration from ``state`` (updated in place): the V-step, the projection onto the grid and the
+        ranking of the new iterate, timed from ``t0``. Returns the ranked candidate and ``[V b]``."""
+        k = self.w0.shape[-1]
+        target = _with_bias(state.g - state.u, torch.zeros_like(self.b0) if self.has_bias else None)
+        vb = inverse(b2_prior + state.rho * target)
+        v, bias = vb[..., :k], (vb[..., k] if self.has_bias else None)
+        t1 = time.perf_counter()
+        state.scale, codes, state.g = self._refine(v + state.u, state.scale)
+        state.u = state.u + v - state.g
+        t2 = time.perf_counter()
+        candidate = _Candidate(codes, state.scale, state.g, bias, iteration=iteration)
+        candidate.err = self._rank(candidate.wb)
+        self.timer.add("admm_solve", t1 - t0)
+        self.timer.add("admm_project", t2 - t1)
+        self.timer.add("admm_rank", time.perf_counter() - t2)
+        return candidate, vb
 
 
-@dataclass
-class _Candidate:
-    """One candidate solution: round-to-nearest (``iteration`` -1) or an ADMM iterate, with its ranking error."""
+class _VStepCache:
+    """The V-step of the current ρ: factorised again only when ρ changes (one factorisation per distinct ρ)."""
 
-    codes: torch.Tensor
-    scale: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    iteration: int
-    err: float = math.inf
+    def __init__(self, statistics: _Statistics, diagonal: Callable[[float], torch.Tensor]) -> None:
+        self.statistics = statistics
+        self.diagonal = diagonal
+        self.rho: float | None = None
+        self.inverse: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    @property
-    def wb(self) -> torch.Tensor:
-        return _with_bias(self.weight, self.bias)
+    def __call__(self, rho: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        if rho != self.rho:
+            self.inverse, self.rho = self.statistics.v_step(self.diagonal(rho)), rho
+        return self.inverse
+
+
+def _floor(norm: float) -> float:
+    """A squared norm floored away from zero for division (``nan`` stays ``nan``)."""
+    return norm if math.isnan(norm) else max(norm, 1e-300)
 
 
 def _with_bias(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -514,12 +734,6 @@ def _woodbury_is_cheaper(num_columns: int, k1: int) -> bool:
     """Per V-step and output channel, the dense inverse costs ``2K²`` flops and Woodbury over ``P`` columns
     ``4KP + 2P²``: Woodbury is cheaper when ``2P + P²/K < K`` (about ``P < 0.41·K``)."""
     return 2 * num_columns + num_columns**2 / k1 < k1
-
-
-def _double_rho(rho: float, rho_cap: float, u: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """ρ doubles (at most ``rho_cap``) and the scaled dual ``U`` shrinks with it, keeping ``ρ·U``."""
-    new_rho = min(2 * rho, rho_cap)
-    return new_rho, u * (rho / new_rho)
 
 
 def _cholesky(m: torch.Tensor) -> torch.Tensor:

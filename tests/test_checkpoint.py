@@ -41,7 +41,7 @@ def test_packed_size_approaches_bits_over_32(tmp_path, bits):
     path = tmp_path / "q.pt"
     save_quantized(qnet, path)
     size = os.path.getsize(path)
-    assert size == report.packed_bytes
+    assert size == report.packed_bytes  # the report gives the size of the file, framing included
     weights = sum(m.weight.numel() for m in qnet.modules() if hasattr(m, "weight_codes"))
     assert size < weights * bits / 8 + 20_000  # codes plus small scales, biases, norms and the pickled index
     assert report.float_bytes / size > (32 / bits) * 0.85

@@ -18,7 +18,9 @@ def _problem(c_in=3, c_out=4, size=6, seed=0, bias=True):
     return layer, x, y, h
 
 
-def _solve(layer, x, y, h, bits=2, per_channel=True, **kw):
+def _stream(layer, x, y, h, bits=2, per_channel=True, **kw):
+    """A solver of ``layer`` with every chunk streamed in (no early stop unless ``patience`` is given)."""
+    kw.setdefault("patience", None)
     settings = SolverSettings(**kw)
     w = weight_matrix(layer).detach()
     b = layer.bias.detach().reshape(w.shape[0], w.shape[1]) if layer.bias is not None else None
@@ -26,6 +28,11 @@ def _solve(layer, x, y, h, bits=2, per_channel=True, **kw):
     solver = LayerSolver(w, b, UniformGrid(bits, "nozero"), per_channel, settings, y_mat.shape[-1])
     for cols, patches in input_patches(layer, x, 1 << 14, torch.float64):
         solver.add(patches, y_mat[..., cols], h[cols] if h is not None else None)
+    return solver
+
+
+def _solve(layer, x, y, h, bits=2, per_channel=True, **kw):
+    solver = _stream(layer, x, y, h, bits, per_channel, **kw)
     return solver, solver.solve()
 
 
@@ -60,17 +67,18 @@ def test_auto_picks_the_cheaper_v_step():
     assert solver.mode == "cholesky"
 
 
-def test_one_factorization_per_distinct_rho(monkeypatch):
+def test_one_factorization_per_distinct_rho():
     layer, x, y, h = _problem()
+    solver = _stream(layer, x, y, h, iterations=200, record_history=True)
     calls = []
-    original = LayerSolver._make_inverse
+    original = solver.statistics.v_step
 
-    def counting(self, rho, eta):
-        calls.append(rho)
-        return original(self, rho, eta)
+    def counting(lam):
+        calls.append(float(lam[0]))
+        return original(lam)
 
-    monkeypatch.setattr(LayerSolver, "_make_inverse", counting)
-    _, sol = _solve(layer, x, y, h, iterations=200, record_history=True)
+    solver.statistics.v_step = counting
+    sol = solver.solve()
     assert len(calls) == len(set(calls)) == 4
     rhos = [float(it["rho"]) for it in sol.history]
     assert rhos[0] == pytest.approx(2 * 10 * sol.s)  # doubled at iteration 0
@@ -145,11 +153,12 @@ def test_float32_chunks_are_summed_in_the_solve_dtype():
     y_mat = output_matrix(layer, y)
     solvers = {}
     for dtype in (torch.float64, torch.float32):
-        solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, SolverSettings(iterations=40), y_mat.shape[-1])
+        settings = SolverSettings(iterations=40, solver="cholesky")
+        solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, settings, y_mat.shape[-1])
         for cols, patches in input_patches(layer, x.to(dtype), 1 << 12, dtype):
             solver.add(patches, y_mat[..., cols].to(dtype), h[cols].to(dtype))
         solvers[dtype] = solver
-    a64, a32 = solvers[torch.float64].weighted.A, solvers[torch.float32].weighted.A
+    a64, a32 = solvers[torch.float64].statistics.weighted.A, solvers[torch.float32].statistics.weighted.A
     assert a32.dtype == torch.float64  # float32 chunk products, float64 sums
     assert torch.allclose(a32, a64, rtol=1e-5, atol=1e-5 * float(a64.abs().max()))
     sol64, sol32 = solvers[torch.float64].solve(), solvers[torch.float32].solve()
@@ -187,7 +196,7 @@ def test_held_out_columns_choose_the_iterate_and_are_not_fitted(size, mode):
     w = weight_matrix(layer).detach()
     b = layer.bias.detach().reshape(w.shape[0], w.shape[1])
     y_fit, y_held = output_matrix(layer, y), output_matrix(layer, y2)
-    settings = SolverSettings(iterations=30, rho_step_every=10, record_history=True)
+    settings = SolverSettings(iterations=30, rho_step_every=10, record_history=True, patience=None)
     solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, settings, 2 * y_fit.shape[-1])
     for (cols, patches), (cols2, patches2) in zip(
         input_patches(layer, x, 1 << 14, torch.float64), input_patches(layer, x2, 1 << 14, torch.float64)
@@ -238,13 +247,14 @@ def test_early_stop_returns_the_best_of_the_iterates_it_ran():
 
 
 def test_column_terms_float32_ranking_matches_exact():
-    from monai_efficientq.solver import _ColumnTerms
-
     torch.manual_seed(0)
-    terms = _ColumnTerms(torch.float64)
     x, y = torch.randn(1, 30, 20, dtype=torch.float64), torch.randn(1, 4, 20, dtype=torch.float64)
     h = torch.rand(20, dtype=torch.float64)
-    terms.add(x, y, h)
+    settings = SolverSettings(solver="woodbury")
+    solver = LayerSolver(torch.randn(1, 4, 30), None, UniformGrid(2, "nozero"), True, settings, 20)
+    assert solver.mode == "woodbury"
+    solver.add(x, y, h)
+    terms = solver.statistics
     wb = torch.randn(1, 4, 30, dtype=torch.float64)
     exact_w, exact_u = terms.errors(wb)
     e2 = (wb @ x - y).pow(2)
@@ -264,9 +274,71 @@ def test_ranking_precision_follows_the_bit_width(bits):
     solver = LayerSolver(w, None, UniformGrid(bits, "nozero"), True, SolverSettings(solver="cholesky"), 500)
     solver.add(x, y)
     wb = w * 1.0005
-    exact = solver.weighted.error(wb, exact=True)
+    exact = solver.statistics.errors(wb, exact=True)[0]
     ranked = solver._rank(wb)
     if bits >= 4:
         assert ranked == exact
     else:
-        assert ranked == solver.weighted.error(wb, exact=False) and ranked != exact
+        assert ranked == solver.statistics.errors(wb, exact=False)[0] and ranked != exact
+
+
+@pytest.mark.parametrize("mode", ["cholesky", "woodbury", "naive"])
+@pytest.mark.parametrize("attention", [True, False])
+def test_every_strategy_answers_the_same_questions(mode, attention):
+    """Errors, ‖Y‖², B and the V-step of each strategy's statistics against the plain formulas on all columns."""
+    layer, x, y, h = _problem(c_in=3, c_out=4, size=4, seed=6)
+    h = h if attention else None
+    solver = _stream(layer, x, y, h, solver=mode, best_iterate_error="unweighted")
+    assert solver.mode == mode
+    stats = solver.statistics
+    _, patches = next(iter(input_patches(layer, x, 1 << 30, torch.float64)))
+    xs = torch.cat([patches, torch.ones_like(patches[:, :1])], dim=1)  # all columns, with the bias row
+    ys = output_matrix(layer, y)
+    hs = h if h is not None else torch.ones(ys.shape[-1], dtype=torch.float64)
+    wb = torch.randn(ys.shape[0], ys.shape[1], xs.shape[1], dtype=torch.float64)
+    e2 = (wb @ xs - ys).pow(2)
+    assert stats.errors(wb) == pytest.approx((float((e2 * hs).sum()), float(e2.sum())), rel=1e-9)
+    assert stats.norms() == pytest.approx((float((ys * ys * hs).sum()), float((ys * ys).sum())), rel=1e-12)
+    assert torch.allclose(stats.target_product(), (ys * hs) @ xs.transpose(1, 2), rtol=1e-10)
+    lam = torch.rand(xs.shape[1], dtype=torch.float64) + 0.5
+    normal = 2 * (xs * hs) @ xs.transpose(1, 2) + torch.diag(lam)
+    r = torch.randn_like(wb)
+    assert torch.allclose(stats.v_step(lam)(r), r @ torch.linalg.inv(normal), rtol=1e-7, atol=1e-10)
+
+
+def test_settings_come_from_the_config_by_name():
+    from monai_efficientq.config import EfficientQConfig
+
+    assert SolverSettings.from_config(EfficientQConfig()) == SolverSettings()  # the same defaults
+    original = SolverSettings.from_config(EfficientQConfig(preset="original", iterations=7, solver="naive"))
+    assert (original.iterations, original.solver, original.rho_schedule) == (7, "naive", "after")
+    assert original.rtn_candidate is False and original.best_iterate_error == "unweighted"
+    assert SolverSettings.from_config(EfficientQConfig(), record_history=True).record_history
+
+
+def test_solve_releases_the_statistics():
+    layer, x, y, h = _problem(size=4)
+    solver, sol = _solve(layer, x, y, h, iterations=5)
+    assert solver.statistics.weighted.A is None and solver.held is None
+    assert sol.iterations_run == 5 and len(sol.history) == 0
+
+
+@pytest.mark.parametrize("size, c_in", [(6, 3), (3, 8)])  # Cholesky, Woodbury
+def test_float32_solve_dtype_keeps_its_iterates_in_float32(size, c_in):
+    layer, x, y, h = _problem(size=size, c_in=c_in, seed=7)
+    w = weight_matrix(layer).detach()
+    b = layer.bias.detach().reshape(w.shape[0], w.shape[1])
+    y_mat = output_matrix(layer, y)
+    half = y_mat.shape[-1] // 2  # the second half is held out
+    solutions = {}
+    for dtype in (torch.float64, torch.float32):
+        settings = SolverSettings(iterations=30, rho_step_every=10, patience=None)
+        solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, settings, y_mat.shape[-1], dtype=dtype)
+        for cols, patches in input_patches(layer, x.to(dtype), 1 << 30, dtype):
+            solver.add(patches[..., :half], y_mat[..., :half].to(dtype), h[:half].to(dtype))
+            solver.add(patches[..., half:], y_mat[..., half:].to(dtype), h[half:].to(dtype), held_out=True)
+        solutions[dtype] = solver.solve()
+    sol32, sol64 = solutions[torch.float32], solutions[torch.float64]
+    assert sol32.weight.dtype == torch.float32 and sol32.bias.dtype == torch.float32
+    assert sol32.error_weighted == pytest.approx(sol64.error_weighted, rel=1e-2)
+    assert sol32.held_out_error == pytest.approx(sol64.held_out_error, rel=1e-2)
