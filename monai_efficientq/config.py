@@ -80,6 +80,21 @@ def _check_bits(name: str, bits: int | None, allow_none: bool) -> None:
         )
 
 
+def _check_device(name: str, device: str | None) -> None:
+    """A device this torch can use: a valid name, and CUDA only where a CUDA device is there."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}={device!r} is not a device: use cpu, cuda or cuda:N.") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"{name}={device!r}, but this machine has {build} (torch {torch.__version__}): use cpu.")
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, choices))}.")
@@ -206,6 +221,8 @@ class EfficientQConfig:
         self.skip_layers = list(self.skip_layers)
         self._check_choices()
         self._check_numbers()
+        for name in ("device", "target_device"):
+            _check_device(name, getattr(self, name))
 
     def _check_choices(self) -> None:
         _check_bits("weight_bits", self.weight_bits, allow_none=False)

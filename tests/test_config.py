@@ -56,3 +56,16 @@ def test_invalid_values_are_refused(field, bad):
 def test_replace_refuses_unknown_fields():
     with pytest.raises(TypeError):
         EfficientQConfig().replace(bits=2)
+
+
+def test_devices_this_torch_cannot_use_are_refused():
+    import torch
+
+    from monai_efficientq import EfficientQConfig
+
+    with pytest.raises(ValueError, match="device='gpu0' is not a device: use cpu, cuda or cuda:N"):
+        EfficientQConfig(device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="target_device='cuda'.*use cpu"):
+            EfficientQConfig(target_device="cuda")
+    assert EfficientQConfig(device="cpu").device == "cpu"
