@@ -25,6 +25,7 @@ __all__ = [
     "normalization_transform",
     "normalize_volume",
     "check_output_path",
+    "check_image_values",
 ]
 
 
@@ -153,7 +154,7 @@ def calibration_transform(
         normalize: one of :data:`NORMALIZE_MODES`.
         with_label: also load and crop ``"label"``.
     """
-    from monai.transforms import Compose, EnsureTyped, LoadImaged
+    from monai.transforms import Compose, EnsureTyped, Lambdad, LoadImaged
 
     from .transforms import CalibrationCropd
 
@@ -163,6 +164,7 @@ def calibration_transform(
     return Compose(
         [
             LoadImaged(keys, image_only=True, ensure_channel_first=True),
+            Lambdad("image", check_image_values),  # before the normalisation spreads a NaN or hides a constant
             normalization_transform("image", normalize),
             CalibrationCropd(keys, roi_size, mode=crop, divisible_by=divisible_by, source_key="image"),
             EnsureTyped(keys, data_type="tensor", track_meta=False),
@@ -192,9 +194,35 @@ def load_calibration(
     try:
         out = transform(data)
     except Exception as err:
+        if isinstance(err.__cause__, ValueError) and "the calibration volume has" in str(err.__cause__):
+            raise ValueError(f"{path}: {err.__cause__}") from None
         raise ValueError(_unreadable_image_message(path, label_path, err)) from None
     label = out.get("label")
     return torch.as_tensor(out["image"]).float(), None if label is None else torch.as_tensor(label)
+
+
+def check_image_values(image: Any) -> Any:
+    """Refuse an image with NaN/Inf voxels or one value everywhere (no signal to calibrate on); return it unchanged.
+
+    Args:
+        image: the image as read (before any normalisation).
+
+    Raises:
+        ValueError: naming how many voxels are not finite, or the constant value.
+    """
+    values = torch.as_tensor(image)
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise ValueError(
+            f"the calibration volume has {bad} NaN/Inf voxel(s) of {values.numel()}: clean it (e.g. replace them "
+            f"with 0) or use another volume."
+        )
+    if values.numel() and bool((values == values.reshape(-1)[0]).all()):
+        raise ValueError(
+            f"the calibration volume has the value {float(values.reshape(-1)[0]):g} in every voxel: it carries no "
+            f"signal to calibrate on; use a real image."
+        )
+    return image
 
 
 def _unreadable_image_message(path: str, label_path: str | None, err: Exception) -> str:

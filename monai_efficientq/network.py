@@ -107,11 +107,14 @@ def prepare_calibration(net: nn.Module, calib_volume: Any) -> torch.Tensor:
     bad = (~torch.isfinite(x)).sum().item()
     if bad:
         raise ValueError(
-            f"calibration volume contains {bad} NaN/Inf value(s): clean it (e.g. torch.nan_to_num) or use "
+            f"calibration volume contains {bad} NaN/Inf value(s) of {x.numel()}: clean it (e.g. torch.nan_to_num) or use "
             f"another volume."
         )
     if not bool((x != 0).any()):
-        raise ValueError("calibration volume is all zeros: it carries no signal to calibrate on; use a real image.")
+        raise ValueError(
+            "calibration volume is all zeros (after any normalisation: a constant image normalises to zeros): it "
+            "carries no signal to calibrate on; use a real image."
+        )
     return x
 
 

@@ -68,3 +68,16 @@ def test_normalize_volume_is_channel_wise_over_nonzero_voxels():
     assert float(minmax.min()) == 0.0 and float(minmax.max()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="nonzero, all, minmax, none"):
         normalize_volume(image, "zscore")
+
+
+def test_nan_and_constant_volumes_are_named_as_they_are(tmp_path):
+    """Checked before the normalisation, which would spread one NaN over the body or turn a constant into zeros."""
+    rng = np.random.default_rng(0)
+    with_nan = rng.random((12, 12, 12)).astype(np.float32) + 1
+    with_nan.reshape(-1)[:64] = np.nan
+    nib.save(nib.Nifti1Image(with_nan, np.eye(4)), tmp_path / "nan.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((12, 12, 12), 5.0, np.float32), np.eye(4)), tmp_path / "const.nii.gz")
+    with pytest.raises(ValueError, match=r"nan.nii.gz: .* 64 NaN/Inf voxel\(s\) of 1728"):
+        load_calibration(str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(ValueError, match="the value 5 in every voxel"):
+        load_calibration(str(tmp_path / "const.nii.gz"))
