@@ -4,6 +4,10 @@
 Data: ``<bundle>/data`` as written by ``scripts/make_dataset.py`` (one 2 mm template for training,
 six warped / intensity-altered subjects for evaluation).
 
+This script is the bundle's training path: it produced the shipped ``models/model.pt`` (record in
+``models/TRAINING.md``). The SegResNet is the ``network_def`` of ``configs/common.json``, which every config
+of the bundle uses.
+
 Preprocessing expected by the trained model (train and inference alike):
     LoadImage -> EnsureChannelFirst -> float32 -> NormalizeIntensity(nonzero=True)
 i.e. (1, H, W, D) input at 2 mm, brain voxels z-scored, background kept at 0.
@@ -31,11 +35,12 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
 from monai.inferers import SlidingWindowInferer  # noqa: E402
 from monai.losses import DiceCELoss  # noqa: E402
 from monai.metrics import DiceMetric  # noqa: E402
-from monai.networks.nets import SegResNet, UNet  # noqa: E402
+from monai.networks.nets import UNet  # noqa: E402
 from monai.transforms import (  # noqa: E402
     BorderPadd,
     Compose,
@@ -60,16 +65,12 @@ CLASS_NAMES = ["csf", "gm", "wm"]
 
 
 def build_net(name):
+    """The network to train: the bundle's ``network_def`` (declared once, in ``configs/common.json``), or the
+    benchmarks' UNet with BatchNorm."""
     if name == "segresnet":
-        return SegResNet(
-            spatial_dims=3,
-            in_channels=1,
-            out_channels=4,
-            init_filters=8,
-            blocks_down=(1, 2, 2, 4),
-            blocks_up=(1, 1, 1),
-            dropout_prob=0.0,
-        )
+        parser = ConfigParser()
+        parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "common.json"))
+        return parser.get_parsed_content("network_def")
     if name == "unet":
         return UNet(
             spatial_dims=3,
