@@ -1,4 +1,4 @@
-"""The brain-tissue bundle's configs (quantize, inference, evaluate, metadata) and the zoo overlay example.
+"""The brain-tissue bundle's configs (quantize, inference, evaluate, metadata), its glue and the zoo overlay example.
 
 CPU, reduced settings (32^3 calibration crop, 3 ADMM iterations, one evaluation volume, a random-weight
 model), so the file finishes in about a minute and does not depend on the trained model's quality.
@@ -19,6 +19,7 @@ import torch
 
 torch.set_num_threads(1)
 
+from monai.bundle import ConfigParser  # noqa: E402
 from monai.bundle import run as bundle_run  # noqa: E402
 from monai.networks.nets import SegResNet, UNet  # noqa: E402
 
@@ -29,7 +30,10 @@ from monai_efficientq.modules import QuantizedMixin  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, "bundles", "brain_tissue_mri_segmentation")
 CONFIGS = os.path.join(BUNDLE, "configs")
-QUANTIZE = os.path.join(CONFIGS, "quantize.json")
+COMMON = os.path.join(CONFIGS, "common.json")
+EVALUATE = [COMMON, os.path.join(CONFIGS, "evaluate.json")]
+QUANTIZE = [*EVALUATE, os.path.join(CONFIGS, "quantize.json")]  # the layers of the quantize run, merged in order
+INFERENCE = [COMMON, os.path.join(CONFIGS, "inference.json")]
 SCHEMA = os.path.join(BUNDLE, "schema", "meta_schema_20240725.json")
 EXAMPLES = os.path.join(REPO, "bundles", "examples")
 CLASSES = ["csf", "gm", "wm"]
@@ -77,10 +81,11 @@ def quantize_run(tmp_path_factory, random_ckpt) -> str:
     """One reduced `quantize` run through the Python API, from a working directory outside the bundle."""
     out = tmp_path_factory.mktemp("quantize_out")
     cwd = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("elsewhere"))  # the bundle root must not depend on the working directory
+    os.chdir(tmp_path_factory.mktemp("elsewhere"))  # with bundle_root given, the working directory does not matter
     try:
         bundle_run(
-            "quantize", config_file=QUANTIZE, logging_file=False, ckpt_path=random_ckpt, output_dir=str(out), **FAST
+            "quantize", config_file=QUANTIZE, logging_file=False, bundle_root=BUNDLE, ckpt_path=random_ckpt,
+            output_dir=str(out), **FAST,
         )
     finally:
         os.chdir(cwd)
@@ -95,7 +100,7 @@ def test_quantize_outputs(quantize_run):
     out = quantize_run
     files = sorted(os.listdir(out))
     assert files == [
-        "metadata_quantized.json", "model_quantized.pt", "model_quantized_dice.csv", "model_quantized_report.json",
+        "metadata_quantized.json", "model_quantized.pt", "model_quantized_dice", "model_quantized_report.json",
         "model_quantized_report.md",
     ]
     qnet = load_quantized(segresnet(), os.path.join(out, "model_quantized.pt"))
@@ -121,13 +126,18 @@ def test_quantize_outputs(quantize_run):
     with open(os.path.join(out, "model_quantized_report.md")) as f:
         assert "## Dice" in f.read()
 
-    with open(os.path.join(out, "model_quantized_dice.csv")) as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["model"], r["case"]) for r in rows] == [
-        ("float", "case_000_t1"), ("float", "mean"), ("quantized", "case_000_t1"), ("quantized", "mean")
-    ]
-    mean_q = next(r for r in rows if r["model"] == "quantized" and r["case"] == "mean")
-    assert math.isclose(float(mean_q["mean"]), report["dice"]["quantized"]["mean"], abs_tol=1e-5)
+    for model in ("float", "quantized"):  # MetricsSaver's files, one folder per evaluation
+        folder = os.path.join(out, "model_quantized_dice", model)
+        assert sorted(os.listdir(folder)) == ["metrics.csv", "val_mean_dice_raw.csv", "val_mean_dice_summary.csv"]
+        with open(os.path.join(folder, "val_mean_dice_raw.csv")) as f:
+            rows = list(csv.DictReader(f))
+        assert [os.path.basename(r["filename"]) for r in rows] == ["case_000_t1.nii.gz"]
+        assert [float(rows[0][f"class{i}"]) for i in range(3)] == pytest.approx(
+            [report["dice"][model][c] for c in CLASSES], abs=1e-4
+        )  # one case: the case's Dice is the per-class mean
+        with open(os.path.join(folder, "val_mean_dice_summary.csv")) as f:
+            summary = {r["class"]: r for r in csv.DictReader(f)}
+        assert math.isclose(float(summary["mean"]["mean"]), report["dice"][model]["mean"], abs_tol=1e-4)
 
 
 @needs_data
@@ -153,10 +163,9 @@ def test_inference_and_export_of_packed_model(quantize_run, tmp_path):
 
     image = os.path.join(BUNDLE, "data", "eval", "case_001_t1.nii.gz")
     ckpt = os.path.join(quantize_run, "model_quantized.pt")
-    cfg = os.path.join(CONFIGS, "inference.json")
     bundle_run(
-        config_file=cfg, logging_file=False, ckpt_path=ckpt, input=image, output_dir=str(tmp_path / "seg"),
-        num_threads=1,
+        config_file=INFERENCE, logging_file=False, bundle_root=BUNDLE, ckpt_path=ckpt, input=image,
+        output_dir=str(tmp_path / "seg"), num_threads=1,
     )
     seg = nib.load(str(tmp_path / "seg" / "case_001_t1_seg.nii.gz"))
     src = nib.load(image)
@@ -165,14 +174,18 @@ def test_inference_and_export_of_packed_model(quantize_run, tmp_path):
 
     ts = str(tmp_path / "model_quantized.ts")
     bundle_run(
-        "export", config_file=cfg, logging_file=False, ckpt_path=ckpt, ts_path=ts,
+        "export", config_file=INFERENCE, logging_file=False, bundle_root=BUNDLE, ckpt_path=ckpt, ts_path=ts,
         export_input_shape=[1, 1, 32, 32, 32],
     )
-    traced = torch.jit.load(ts)
+    scripted = torch.jit.load(ts)
     qnet = load_quantized(segresnet(), ckpt)
-    x = torch.randn(1, 1, 32, 32, 48)
+    x = torch.randn(1, 1, 32, 32, 48)  # another size than the check input: scripted, not traced
     with torch.no_grad():
-        torch.testing.assert_close(traced(x), qnet(x))
+        torch.testing.assert_close(scripted(x), qnet(x))
+    from monai.data import load_net_with_metadata
+
+    _, meta, _ = load_net_with_metadata(ts)
+    assert meta["efficientq"]["config"]["weight_bits"] == 4 and meta["quantization"]["weight_bits"] == 4
 
 
 # -- bad overrides: clear errors, nothing written --------------------------------------------------------------
@@ -184,7 +197,10 @@ def test_inference_and_export_of_packed_model(quantize_run, tmp_path):
     [
         ({"weight_bits": 9}, "weight_bits=9 is not supported"),
         ({"ckpt_path": "/nonexistent/model.pt"}, "float checkpoint not found: /nonexistent/model.pt"),
-        ({"calib_file": "/nonexistent/calib.nii.gz"}, "calibration volume not found: /nonexistent/calib.nii.gz"),
+        (
+            {"calib_items": [{"image": "/nonexistent/calib.nii.gz"}]},
+            "calibration volume not found: /nonexistent/calib.nii.gz",
+        ),
         ({"method": "gptq"}, "method='gptq' is not supported"),
         ({"act_fit": "mse"}, "act_fit='mse' is not supported"),
     ],
@@ -203,8 +219,8 @@ def test_cli_from_another_directory_reports_error(tmp_path, random_ckpt):
     """`python -m monai.bundle run quantize` from any cwd (logging.conf applied), a bad flag fails cleanly."""
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "quantize", "--config_file", QUANTIZE, "--ckpt_path", random_ckpt,
-        "--output_dir", str(out), "--weight_bits", "9",
+        sys.executable, "-m", "monai.bundle", "run", "quantize", "--config_file", str(QUANTIZE),
+        "--bundle_root", BUNDLE, "--ckpt_path", random_ckpt, "--output_dir", str(out), "--weight_bits", "9",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
@@ -251,8 +267,7 @@ def test_verify_net_in_out():
     from monai.bundle import verify_net_in_out
 
     verify_net_in_out(
-        net_id="network_def", meta_file=os.path.join(CONFIGS, "metadata.json"),
-        config_file=os.path.join(CONFIGS, "inference.json"), device="cpu",
+        net_id="network_def", meta_file=os.path.join(CONFIGS, "metadata.json"), config_file=INFERENCE, device="cpu",
     )
 
 
@@ -308,8 +323,6 @@ def test_overlay_on_zoo_style_pair(tmp_path):
 
 
 def test_overlay_keeps_handler_after_checkpoint_loader():
-    from monai.bundle import ConfigParser
-
     zoo = os.path.join(EXAMPLES, "minimal_zoo_bundle", "configs")
     parser = ConfigParser()
     parser.read_config([os.path.join(zoo, "train.json"), os.path.join(zoo, "evaluate.json"),
@@ -317,20 +330,27 @@ def test_overlay_keeps_handler_after_checkpoint_loader():
     targets = [h["_target_"] for h in parser["validate#handlers"]]
     assert targets == ["CheckpointLoader", "StatsHandler", "MetricsSaver",
                        "monai_efficientq.handlers.EfficientQHandler"]
+    brain = ConfigParser()  # the brain-tissue bundle's evaluation takes the same overlay
+    brain.read_config([*EVALUATE, os.path.join(EXAMPLES, "add_efficientq_overlay.json")])
+    assert [h["_target_"] for h in brain["validate#handlers"]] == targets
+    assert all(key in brain for key in ("network", "output_dir", "validate#dataset"))
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
 
 
-def test_default_bundle_root_outside_a_workflow(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert eqb.default_bundle_root() == str(tmp_path)
-
-
 def test_check_inputs_creates_nothing(tmp_path, random_ckpt):
     target = tmp_path / "a" / "b" / "model.pt"
-    assert eqb.check_inputs(ckpt_path=random_ckpt, output_paths={"out": str(target)}, efficientq={"weight_bits": 3})
+    items = [{"image": random_ckpt, "label": random_ckpt}]
+    assert eqb.check_inputs(
+        files={"float checkpoint": random_ckpt, "evaluation volume": items}, output_paths={"out": str(target)},
+        efficientq={"weight_bits": 3, "act_bits": "none"},
+    )
     assert not (tmp_path / "a").exists()
+    with pytest.raises(FileNotFoundError, match=r"evaluation volume not found: .*missing.nii.gz \(and 1 more\)"):
+        eqb.check_inputs(files={"evaluation volume": [{"image": str(tmp_path / "missing.nii.gz")}] * 2})
+    with pytest.raises(ValueError, match="no evaluation volume"):
+        eqb.check_inputs(files={"evaluation volume": []})
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
@@ -341,60 +361,54 @@ def test_check_inputs_creates_nothing(tmp_path, random_ckpt):
         eqb.check_inputs(efficientq={"wieght_bits": 2})
 
 
-def test_datalist_and_inference_items(tmp_path):
-    (tmp_path / "a.nii.gz").write_bytes(b"")
-    (tmp_path / "b.nii.gz").write_bytes(b"")
-    datalist = {"evaluation": [{"image": "a.nii.gz", "label": "b.nii.gz"}] * 3, "calibration": {"image": "a.nii.gz"}}
-    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
-    dl = str(tmp_path / "datalist.json")
-    assert eqb.datalist_items(dl, "evaluation", limit=2) == [
-        {"image": str(tmp_path / "a.nii.gz"), "label": str(tmp_path / "b.nii.gz")}
-    ] * 2
-    assert eqb.datalist_items(dl, "calibration") == [{"image": str(tmp_path / "a.nii.gz")}]
-    with pytest.raises(KeyError, match="no section 'training'"):
-        eqb.datalist_items(dl, "training")
-    assert eqb.inference_items(str(tmp_path)) == [
-        {"image": str(tmp_path / "a.nii.gz")}, {"image": str(tmp_path / "b.nii.gz")}
-    ]
-    assert eqb.inference_items(None, dl) == [{"image": str(tmp_path / "a.nii.gz")}] * 3
-    with pytest.raises(FileNotFoundError, match="--input not found"):
-        eqb.inference_items(str(tmp_path / "missing.nii.gz"))
+def test_dice_by_class_from_a_mean_batch_metric():
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(state=SimpleNamespace(metrics={"dice": torch.tensor([0.5, float("nan"), 0.75])}))
+    dice = eqb.dice_by_class(engine, "dice", CLASSES)
+    assert dice["csf"] == 0.5 and math.isnan(dice["gm"]) and dice["wm"] == 0.75
+    assert dice["mean"] == 0.625  # NaN classes left out
+    with pytest.raises(ValueError, match="reduction='mean_batch'"):
+        eqb.dice_by_class(engine, "dice", ["a", "b"])
+    with pytest.raises(KeyError, match="no metric 'other'"):
+        eqb.dice_by_class(engine, "other", CLASSES)
 
 
-def test_cli_value_restores_dropped_none(monkeypatch):
-    # MONAI's `run` drops `--act_bits None` before the config sees it; the config recovers it from argv
-    assert eqb.cli_value("act_bits", 2, argv=["run", "quantize", "--act_bits", "None"]) is None
-    assert eqb.cli_value("act_bits", 2, argv=["--act_bits=None"]) is None
-    assert eqb.cli_value("act_bits", 2, argv=["--first_last_bits", "None"]) == 2
-    assert eqb.cli_value("act_bits", 2, argv=["--act_bits", "3"]) == 2
-    assert eqb.cli_value("act_bits", "none", argv=[]) is None
-    assert eqb.cli_value("act_bits", "float", argv=[]) is None
-    monkeypatch.setattr(sys, "argv", ["monai.bundle", "--act_bits", "None"])
-    assert eqb.cli_value("act_bits", 2) is None
+def test_configs_declare_shared_pieces_once():
+    """network_def and the preprocessing live in common.json only; the other configs layer on it."""
+    for name in os.listdir(CONFIGS):
+        if name.endswith(".json") and name not in ("common.json", "metadata.json"):
+            with open(os.path.join(CONFIGS, name)) as f:
+                config = json.load(f)
+            assert not {"network_def", "preprocessing", "inferer", "bundle_root"} & set(config), name
+    assert not os.path.exists(os.path.join(CONFIGS, "train.json"))  # one training path: scripts/train.py
 
 
-@pytest.mark.parametrize("config, workflow_type", [("train.json", "train"), ("inference.json", "infer")])
-def test_zoo_properties(config, workflow_type):
+def test_zoo_inference_properties():
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(
-        config_file=os.path.join(CONFIGS, config), workflow_type=workflow_type, logging_file=False,
-        meta_file=os.path.join(CONFIGS, "metadata.json"),
+        config_file=INFERENCE, workflow_type="infer", logging_file=False,
+        meta_file=os.path.join(CONFIGS, "metadata.json"), bundle_root=BUNDLE,
     )
     workflow.initialize()  # only resets the parser and sets the thread count / determinism
     assert workflow.check_properties() == []
 
 
-def test_act_fit_override_reaches_the_settings():
-    from monai.bundle import ConfigParser
-
+def test_overrides_reach_the_settings():
     from monai_efficientq import EfficientQConfig
 
     parser = ConfigParser()
     parser.read_config(QUANTIZE)
+    parser["bundle_root"] = BUNDLE
     assert EfficientQConfig(**parser.get_parsed_content("efficientq_settings")).act_fit == "output"  # the preset's
     parser["act_fit"] = "ls"
     assert parser.get_parsed_content("efficientq_settings", lazy=False)["act_fit"] == "ls"
+    parser["act_bits"] = "$None"  # MONAI's expression syntax: `--act_bits '$None'` on the command line
+    assert parser.get_parsed_content("efficientq_settings", lazy=False)["act_bits"] is None
+    parser["act_bits"] = "none"  # `--act_bits none`: the handler's settings read it as None
+    handler = parser.get_parsed_content("efficientq_handler", lazy=False)
+    assert handler.config.act_bits is None and handler.config.weight_bits == 2
 
 
 @needs_data
@@ -411,8 +425,8 @@ def test_quantize_on_two_calibration_volumes(tmp_path, random_ckpt):
     path.write_text(json.dumps(datalist))
     out = tmp_path / "out"
     bundle_run(
-        "quantize", config_file=QUANTIZE, logging_file=False, ckpt_path=random_ckpt, output_dir=str(out),
-        datalist_file=str(path), calib_volumes=2, **{**FAST, "act_bits": "none"},
+        "quantize", config_file=QUANTIZE, logging_file=False, bundle_root=BUNDLE, ckpt_path=random_ckpt,
+        output_dir=str(out), datalist_file=str(path), calib_volumes=2, **{**FAST, "act_bits": "none"},
     )
     with open(out / "model_quantized_report.json") as f:
         report = json.load(f)

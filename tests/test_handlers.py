@@ -1,4 +1,4 @@
-"""EfficientQHandler on bare ignite engines and inside MONAI evaluators and trainers."""
+"""EfficientQHandler and QuantizedCheckpointLoader on bare ignite engines and inside MONAI evaluators and trainers."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 import monai_efficientq.handlers as handlers_mod  # noqa: E402
 from nets import tiny_unet_bn  # noqa: E402
 from monai_efficientq import EfficientQConfig, QuantizationReport, load_quantized, quantization_info, quantize_, quantize_network  # noqa: E402,E501
-from monai_efficientq.handlers import EfficientQHandler  # noqa: E402
+from monai_efficientq.handlers import EfficientQHandler, QuantizedCheckpointLoader, resolve_config  # noqa: E402
 from monai_efficientq.modules import QuantizedMixin  # noqa: E402
 from monai_efficientq.transforms import AttentionMapd, CalibrationCropd  # noqa: E402
 
@@ -79,7 +79,8 @@ def test_bare_engine_quantizes_network_in_place():
     handler = EfficientQHandler(calib_data=x, **FAST)
     engine = bare_engine(net)
     handler.attach(engine)
-    assert engine.has_event_handler(handler, Events.STARTED)  # not a trainer -> STARTED
+    assert engine.has_event_handler(handler, Events.EPOCH_STARTED)  # not a trainer -> EPOCH_STARTED
+    assert not engine.has_event_handler(handler, Events.STARTED)
     engine.run([0], max_epochs=1)
     assert engine.network is net and n_quantized(net) > 0
     assert quantization_info(net).config["iterations"] == 5
@@ -121,13 +122,16 @@ def test_evaluator_quantizes_the_loaded_weights(tmp_path):
     assert evaluator.state.efficientq_report is handler.report
 
 
-def test_handler_before_checkpoint_loader_is_an_error(tmp_path):
-    net = make_net()
-    torch.save(net.state_dict(), tmp_path / "float.pt")
-    evaluator = _evaluator(net, tmp_path, EfficientQHandler(calib_data=make_volume(), **FAST), before=False)
-    with pytest.raises(RuntimeError, match="AFTER CheckpointLoader"):
-        evaluator.run()
-    assert n_quantized(net) == 0
+def test_handler_before_checkpoint_loader_quantizes_the_loaded_weights(tmp_path):
+    """At EPOCH_STARTED the handler runs after every STARTED handler, whatever the order of the list."""
+    trained, x = make_net(seed=0), make_volume()
+    torch.save(trained.state_dict(), tmp_path / "float.pt")
+    reference, _ = quantize_network(trained, x, EfficientQConfig(**FAST))
+    fresh = make_net(seed=1)
+    evaluator = _evaluator(fresh, tmp_path, EfficientQHandler(calib_data=x, **FAST), before=False)
+    evaluator.run()
+    assert n_quantized(fresh) > 0
+    assert torch.equal(out(fresh, x), out(reference, x))
 
 
 def test_runs_once_over_two_evaluator_runs(tmp_path, monkeypatch):
@@ -327,3 +331,41 @@ def test_several_calibration_volumes_from_a_dataset_and_a_dataloader(monkeypatch
     handler.attach(engine := bare_engine(make_net()))
     with pytest.raises(ValueError, match="different spatial shapes"):
         engine.run([0], max_epochs=1)
+
+
+def test_none_words_mean_none():
+    x = make_volume()
+    assert EfficientQHandler(x, act_bits="none", patience="NULL").config.act_bits is None
+    assert EfficientQHandler(x, config={"act_bits": "None", "first_last_bits": "null"}).config.first_last_bits is None
+    assert resolve_config(None, act_bits="none").act_bits is None
+    assert resolve_config(None, act_bits=3).act_bits == 3
+    assert resolve_config(None, attention="none").attention == "none"  # a value of its own, not None
+    with pytest.raises(ValueError, match="act_bits='nothing' is not supported"):
+        resolve_config(None, act_bits="nothing")
+
+
+def test_quantized_checkpoint_loader_restores_packed_and_float_weights(tmp_path):
+    net, x = make_net(), make_volume()
+    handler = EfficientQHandler(calib_data=x, save_path=tmp_path / "q.pt", **FAST)
+    engine = bare_engine(net)
+    handler.attach(engine)
+    engine.run([0], max_epochs=1)
+    torch.save(make_net(seed=0).state_dict(), tmp_path / "float.pt")
+
+    fresh = make_net(seed=2)
+    loader = QuantizedCheckpointLoader(load_path=tmp_path / "q.pt")
+    engine = bare_engine(nn.DataParallel(fresh))  # unwrapped before loading
+    loader.attach(engine)
+    assert engine.has_event_handler(loader, Events.STARTED)
+    engine.run([0], max_epochs=1)
+    assert n_quantized(fresh) == n_quantized(net)
+    assert torch.equal(out(fresh, x), out(net, x))
+
+    float_net = make_net(seed=2)
+    engine = Engine(lambda e, b: None)
+    QuantizedCheckpointLoader(load_path=tmp_path / "float.pt", network=float_net).attach(engine)
+    engine.run([0], max_epochs=1)
+    assert n_quantized(float_net) == 0
+    assert torch.equal(out(float_net, x), out(make_net(seed=0), x))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        QuantizedCheckpointLoader(load_path=tmp_path / "missing.pt")(bare_engine(make_net()))

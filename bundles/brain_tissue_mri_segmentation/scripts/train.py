@@ -4,6 +4,10 @@
 Data: ``<bundle>/data`` as written by ``scripts/make_dataset.py`` (one 2 mm template for training,
 six warped / intensity-altered subjects for evaluation).
 
+This script is the bundle's training path: it produced the shipped ``models/model.pt`` (record in
+``models/TRAINING.md``). The SegResNet is the ``network_def`` of ``configs/common.json``, which every config
+of the bundle uses.
+
 Preprocessing expected by the trained model (train and inference alike):
     LoadImage -> EnsureChannelFirst -> float32 -> NormalizeIntensity(nonzero=True)
 i.e. (1, H, W, D) input at 2 mm, brain voxels z-scored, background kept at 0.
@@ -31,11 +35,12 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
 from monai.inferers import SlidingWindowInferer  # noqa: E402
 from monai.losses import DiceCELoss  # noqa: E402
 from monai.metrics import DiceMetric  # noqa: E402
-from monai.networks.nets import SegResNet, UNet  # noqa: E402
+from monai.networks.nets import UNet  # noqa: E402
 from monai.transforms import (  # noqa: E402
     BorderPadd,
     Compose,
@@ -60,16 +65,12 @@ CLASS_NAMES = ["csf", "gm", "wm"]
 
 
 def build_net(name):
+    """The network to train: the bundle's ``network_def`` (declared once, in ``configs/common.json``), or the
+    benchmarks' UNet with BatchNorm."""
     if name == "segresnet":
-        return SegResNet(
-            spatial_dims=3,
-            in_channels=1,
-            out_channels=4,
-            init_filters=8,
-            blocks_down=(1, 2, 2, 4),
-            blocks_up=(1, 1, 1),
-            dropout_prob=0.0,
-        )
+        parser = ConfigParser()
+        parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "common.json"))
+        return parser.get_parsed_content("network_def")
     if name == "unet":
         return UNet(
             spatial_dims=3,
@@ -206,7 +207,7 @@ def evaluate(net, items, data_dir, roi, overlap=0.25, verbose=True):
     return per_class, per_case
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--net", choices=["segresnet", "unet"], default="segresnet")
     p.add_argument("--iters", type=int, default=None, help="optimizer steps (default 500 segresnet / 900 unet)")
@@ -231,12 +232,11 @@ def main():
             if args.net == "segresnet"
             else os.path.join(REPO_ROOT, "benchmarks", "models", "unet_bn.pt")
         )
-    torch.set_num_threads(args.threads)
-    set_determinism(seed=args.seed)
+    return args
 
-    with open(os.path.join(args.data, "datalist.json")) as f:
-        datalist = json.load(f)
-    train_item = datalist["training"][0]
+
+def training_volume(args, train_item):
+    """The training template with raw intensities and its label, zero-padded by ``args.pad``."""
     base = inference_transforms()(
         {"image": os.path.join(args.data, train_item["image"]), "label": os.path.join(args.data, train_item["label"])}
     )
@@ -245,17 +245,16 @@ def main():
     base = {"image": torch.as_tensor(np.asarray(raw), dtype=torch.float32)[None], "label": torch.as_tensor(base["label"])}
     # zero-pad (= background) so that crops are not all forced to the volume centre: the sliding-window
     # inferer's corner windows contain mostly background, training crops must too
-    base = BorderPadd(keys=["image", "label"], spatial_border=args.pad)(base)
-    aug = train_transforms(args)
-    aug.set_random_state(seed=args.seed)
+    return BorderPadd(keys=["image", "label"], spatial_border=args.pad)(base)
 
-    net = build_net(args.net)
+
+def train(net, base, aug, args, datalist):
+    """``args.iters`` Adam steps on augmented crops of ``base``; returns the wall time in seconds."""
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - s / args.iters) ** 0.9)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     print(f"net={args.net} params={sum(p.numel() for p in net.parameters())} iters={args.iters} batch={args.batch}", flush=True)
-
     t0 = time.time()
     t_aug = 0.0
     run_loss = 0.0
@@ -279,7 +278,20 @@ def main():
         if args.val_every and step % args.val_every == 0 and step < args.iters:
             pc, _ = evaluate(net, [datalist["calibration"]], args.data, args.eval_roi, verbose=False)
             print(f"  val(calib) step {step}: " + " ".join(f"{n}={v:.4f}" for n, v in zip(CLASS_NAMES, pc)), flush=True)
-    train_time = time.time() - t0
+    return time.time() - t0
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    set_determinism(seed=args.seed)
+    with open(os.path.join(args.data, "datalist.json")) as f:
+        datalist = json.load(f)
+    base = training_volume(args, datalist["training"][0])
+    aug = train_transforms(args)
+    aug.set_random_state(seed=args.seed)
+    net = build_net(args.net)
+    train_time = train(net, base, aug, args, datalist)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     net.eval()
