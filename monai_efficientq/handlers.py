@@ -22,7 +22,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
 from .checkpoint import FORMAT, load_quantized_, save_dequantized, save_quantized
-from .config import PRESETS, EfficientQConfig
+from .config import EfficientQConfig
 from .io import load_float_weights
 from .modules import quantization_info
 from .network import quantize_
@@ -71,8 +71,8 @@ def resolve_config(config: EfficientQConfig | Mapping | None = None, **overrides
 
     In the fields that accept ``None`` (``act_bits``, ``first_last_bits``, ``patience``, the preset-controlled
     ones, ...), the strings ``"none"``/``"null"`` mean ``None`` (:func:`none_from_text`); ``attention="none"``
-    stays the string. Changing ``preset`` re-derives the preset-controlled fields that were not overridden
-    explicitly and still hold the old preset's value.
+    stays the string. Changing ``preset`` re-derives the preset-controlled fields the caller did not set
+    (:meth:`EfficientQConfig.replace`).
 
     Raises:
         ValueError: an unknown field (the message lists the valid ones) or an invalid value.
@@ -92,18 +92,7 @@ def resolve_config(config: EfficientQConfig | Mapping | None = None, **overrides
         raise TypeError(
             f"config must be an EfficientQConfig, a dict of its fields or None, got {type(config).__name__}."
         )
-    return _with_overrides(config, overrides) if overrides else config
-
-
-def _with_overrides(config: EfficientQConfig, overrides: Mapping[str, Any]) -> EfficientQConfig:
-    values = config.to_dict()
-    new_preset = overrides.get("preset", config.preset)
-    if new_preset != config.preset and config.preset in PRESETS:
-        for key, old in PRESETS[config.preset].items():
-            if key not in overrides and values.get(key) == old:
-                values[key] = None  # let the new preset fill it
-    values.update(overrides)
-    return EfficientQConfig(**values)
+    return config.replace(**overrides) if overrides else config
 
 
 # -- networks and paths ----------------------------------------------------------------------------------------
