@@ -136,7 +136,7 @@ def packed_state(qnet: nn.Module, report: Any = None) -> dict[str, Any]:
     }
     state["payload_sha256"] = payload_digest(state)
     if report is not None:
-        state["report"] = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+        state["report"] = report.reproducible_dict() if hasattr(report, "reproducible_dict") else dict(report)
     _share_storages(state)
     return state
 

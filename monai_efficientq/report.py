@@ -39,7 +39,7 @@ class LayerRecord:
     error_weighted: float
     best_iteration: int
     solver: str
-    seconds: float
+    seconds: float | None = None
     held_out_rtn_error: float | None = None
     held_out_error: float | None = None
     iterations_run: int = 0
@@ -58,6 +58,10 @@ class LayerRecord:
         shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(solution)}
         shared -= {"seconds", *layer}
         return cls(**{name: getattr(solution, name) for name in shared}, **layer)
+
+
+RUN_METADATA = ("total_seconds", "phase_seconds", "peak_memory_mb", "peak_memory_kind")
+LAYER_RUN_METADATA = ("seconds", "phase_seconds")
 
 
 @dataclass
@@ -105,6 +109,15 @@ class QuantizationReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["compression"] = self.compression
+        return d
+
+    def reproducible_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without what changes from run to run of the same inputs and settings (times, memory):
+        the report stored inside a packed checkpoint, so that such runs write the same bytes."""
+        d = self.to_dict()
+        for key in RUN_METADATA:
+            d.pop(key, None)
+        d["layers"] = [{k: v for k, v in rec.items() if k not in LAYER_RUN_METADATA} for rec in d["layers"]]
         return d
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -161,7 +174,10 @@ class QuantizationReport:
             f"- attention: {cfg.get('attention')}, class weights {cfg.get('class_weights')}; activation range fit: "
             f"{cfg.get('act_fit')}; calibration augmentation: {cfg.get('calib_augment') or 'none'}",
             f"- calibration volume: {self.calibration_shape}{copies}, device: {self.device}",
-            f"- total time: {self.total_seconds:.1f} s, peak memory: {self.peak_memory_mb:.0f} MB ({self.peak_memory_kind})",
+            f"- total time: {self.total_seconds:.1f} s, peak memory: {self.peak_memory_mb:.0f} MB ({self.peak_memory_kind})"
+            if self.peak_memory_kind
+            else "- time and memory: not stored in a packed checkpoint (they change from run to run); see the JSON "
+            "report written beside it",
             f"- size: float {self.float_bytes / 2**20:.2f} MiB, packed {self.packed_bytes / 2**20:.2f} MiB"
             f" ({self.compression:.1f}x smaller)",
         ]
@@ -196,8 +212,12 @@ def _layer_table(layers: list[LayerRecord]) -> list[str]:
         lines.append(
             f"| {i} | `{r.name}` | {r.type} | {'x'.join(map(str, r.shape))} | {r.weight_bits} | {a} | "
             f"{r.rtn_error:.4g} | {r.error:.4g} |{held_cells} {r.best_iteration} | {r.iterations_run} | {r.solver} | "
-            f"{r.seconds:.2f} |"
+            f"{'-' if r.seconds is None else f'{r.seconds:.2f}'} |"
         )
+    lines += ["", "Errors: `‖q − f‖² / ‖f‖²` of the layer's output on the calibration data, with the quantized layers "
+              "before it as input (RTN: round to nearest, the baseline). W/A: weight and input-activation bits (`u`: "
+              "an unsigned grid, `s`: a signed one where the input has negative values). best it.: the ADMM "
+              "iteration kept; iterations: how many ran before the early stop."]
     if held:
         lines += ["", "Held-out errors: on the last calibration volume, which the fit did not see; the layer kept "
                   "the candidate (an ADMM iterate, or round-to-nearest: best it. -1) with the lowest one."]
