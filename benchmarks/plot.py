@@ -60,7 +60,7 @@ def plot(results: str, out: str | None = None, metric: str = "mean_dice") -> str
     titles = ("weights only (first/last W8)", "weights + activations (WbAb, first/last W8 float input)")
     for ax, with_act, title in zip(axes, (False, True), titles):
         methods = [m for (m, act) in series if act == with_act]
-        for method in sorted(set(methods), key=lambda m: list(STYLE).index(m) if m in STYLE else 99):
+        for method in sorted(dict.fromkeys(methods), key=lambda m: list(STYLE).index(m) if m in STYLE else 99):
             pts = sorted(series[(method, with_act)])
             color, marker, ls = STYLE.get(method, ("black", "x", ":"))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=ls, color=color, label=method)
