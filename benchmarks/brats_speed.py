@@ -9,13 +9,18 @@ Random weights (timing only). Prints total seconds and peak memory.
 from __future__ import annotations
 
 import json
-import time
+import os
+import sys
 
-import fire
-import torch
-from monai.networks.nets import SegResNet
+if __package__ in (None, ""):  # run as a file: import the benchmarks package from the repository
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from monai_efficientq import EfficientQConfig, quantize_network
+import fire  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.measure import Stopwatch, synchronize  # noqa: E402
+from benchmarks.networks import brats_segresnet  # noqa: E402
+from monai_efficientq import EfficientQConfig, quantize_network  # noqa: E402
 
 
 def run(device: str = "cuda", size: int = 128, iterations: int = 200, weight_bits: int = 2, act_bits: int | None = 2,
@@ -33,24 +38,18 @@ def run(device: str = "cuda", size: int = 128, iterations: int = 200, weight_bit
     """
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    net = SegResNet(spatial_dims=3, in_channels=4, out_channels=3, init_filters=16, blocks_down=(1, 2, 2, 4),
-                    blocks_up=(1, 1, 1), dropout_prob=0.2).eval().to(device)
-    x = torch.randn(1, 4, size, size, size, device=device)
+    net = brats_segresnet(seed=0).to(device)
+    x = torch.randn(1, 4, size, size, size, device=device)  # drawn after the seeded weights, as before
     cfg = EfficientQConfig(weight_bits=weight_bits, act_bits=act_bits, iterations=iterations, prediction="sigmoid",
                            solver_dtype=solver_dtype, device=device, progress=False)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    _, report = quantize_network(net, x, cfg)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    synchronize(torch.device(device))
+    with Stopwatch(torch.device(device)) as clock:
+        _, report = quantize_network(net, x, cfg)
     slowest = sorted(report.layers, key=lambda r: -r.seconds)[:3]
     result = {
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
         "volume": [4, size, size, size], "setting": f"W{weight_bits}A{act_bits}", "iterations": iterations,
-        "layers": len(report.layers), "total_seconds": round(seconds, 1),
+        "layers": len(report.layers), "total_seconds": round(clock.seconds, 1),
         "peak_memory_mb": round(report.peak_memory_mb), "peak_memory_kind": report.peak_memory_kind,
         "slowest_layers": [(r.name, round(r.seconds, 2)) for r in slowest], "torch": torch.__version__,
     }

@@ -12,12 +12,18 @@ one setting (``--detail``, default W2).
 from __future__ import annotations
 
 import json
+import os
+import sys
 
-import fire
+if __package__ in (None, ""):  # run as a file: import the benchmarks package from the repository
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SETTINGS = ("W4", "W3", "W2", "W4A4", "W3A3", "W2A2")
-METHOD_ORDER = ("float", "rtn", "eq_original", "eq_default", "brevitas_rtn", "brevitas_biascorr", "brevitas_gptq",
-                "brevitas_gpfq", "brevitas_learned_round")
+import fire  # noqa: E402
+
+from benchmarks.config import DEFAULT_SETTINGS as SETTINGS  # noqa: E402
+from benchmarks.methods import method_names  # noqa: E402
+
+METHOD_ORDER = tuple(method_names())
 
 
 def merge(*paths: str, out: str, pivot: str | None = None, detail: str = "W2") -> None:

@@ -12,31 +12,42 @@ writes the report as JSON when ``--out`` is given.
 
 from __future__ import annotations
 
-import json
 import os
-import time
+import sys
+from typing import Any
 
-import fire
-import torch
+if __package__ in (None, ""):  # run as a file: import the benchmarks package from the repository
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-BUNDLE = os.path.join(os.path.dirname(__file__), "..", "bundles", "brain_tissue_mri_segmentation")
-SEGRESNET = {
-    "spatial_dims": 3, "in_channels": 1, "out_channels": 4, "init_filters": 8, "blocks_down": [1, 2, 2, 4],
-    "blocks_up": [1, 1, 1], "dropout_prob": 0.0,
-}
+import fire  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.config import as_dict  # noqa: E402
+from benchmarks.measure import Stopwatch  # noqa: E402
+from benchmarks.networks import BUNDLE_DATA, BUNDLE_MODEL, BUNDLE_SEGRESNET  # noqa: E402
+from monai_efficientq import EfficientQConfig, QuantizationReport, quantize_network  # noqa: E402
+from monai_efficientq.io import build_network, load_calibration_volume, load_float_weights  # noqa: E402
+
+
+def _print_phases(report: QuantizationReport) -> None:
+    """The report's "Where the time went" table and the slowest layers."""
+    markdown = report.to_markdown()
+    print(markdown[markdown.index("## Where the time went") :].split("\n## ")[0].strip())
+    slowest = sorted(report.layers, key=lambda r: -r.seconds)[:5]
+    print("slowest layers: " + ", ".join(f"{r.name} {r.seconds:.1f} s ({r.iterations_run} it.)" for r in slowest))
 
 
 def run(
     network: str = "monai.networks.nets.SegResNet",
     network_kwargs: dict | str | None = None,
-    checkpoint: str | None = os.path.join(BUNDLE, "models", "model.pt"),
-    calib_image: str | None = os.path.join(BUNDLE, "data", "calib", "calib_t1.nii.gz"),
+    checkpoint: str | None = BUNDLE_MODEL,
+    calib_image: str | None = os.path.join(BUNDLE_DATA, "calib", "calib_t1.nii.gz"),
     roi: int = 96,
     random_shape: tuple[int, ...] | None = None,
     weight_bits: int = 2,
     act_bits: int | None = 2,
     method: str = "efficientq",
-    eq_options: dict | str | None = None,
+    eq_options: Any = None,
     threads: int | None = 1,
     out: str | None = None,
 ) -> dict:
@@ -57,34 +68,27 @@ def run(
         threads: torch CPU threads.
         out: write the report JSON here.
     """
-    from monai_efficientq import EfficientQConfig, quantize_network
-    from monai_efficientq.io import build_network, load_calibration_volume, load_float_weights
-
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(0)
-    kwargs = json.loads(network_kwargs) if isinstance(network_kwargs, str) else network_kwargs
-    net = build_network(network, kwargs if kwargs is not None else SEGRESNET).eval()
+    kwargs = as_dict(network_kwargs) if network_kwargs is not None else BUNDLE_SEGRESNET
+    net = build_network(network, kwargs).eval()
     if checkpoint:
         load_float_weights(net, checkpoint)
     if random_shape:
         calib_volume = torch.randn(*random_shape, generator=torch.Generator().manual_seed(1))
     else:
         calib_volume = load_calibration_volume(calib_image, roi_size=roi)
-    options = json.loads(eq_options) if isinstance(eq_options, str) else dict(eq_options or {})
-    cfg = EfficientQConfig(weight_bits=weight_bits, act_bits=act_bits, method=method, progress=False, **options)
-    start = time.perf_counter()
-    _, report = quantize_network(net, calib_volume, cfg)
-    seconds = time.perf_counter() - start
+    cfg = EfficientQConfig(weight_bits=weight_bits, act_bits=act_bits, method=method, progress=False,
+                           **as_dict(eq_options))
+    with Stopwatch(torch.device("cpu")) as clock:
+        _, report = quantize_network(net, calib_volume, cfg)
     print(f"{network} on {list(calib_volume.shape)}, W{weight_bits}A{act_bits}, {method}, {torch.get_num_threads()} "
-          f"thread(s): {seconds:.1f} s")
-    markdown = report.to_markdown()
-    print(markdown[markdown.index("## Where the time went") :].split("\n## ")[0].strip())
-    slowest = sorted(report.layers, key=lambda r: -r.seconds)[:5]
-    print("slowest layers: " + ", ".join(f"{r.name} {r.seconds:.1f} s ({r.iterations_run} it.)" for r in slowest))
+          f"thread(s): {clock.seconds:.1f} s")
+    _print_phases(report)
     if out:
         report.to_json(out)
-    return {"seconds": round(seconds, 2), "phases": report.phase_seconds}
+    return {"seconds": round(clock.seconds, 2), "phases": report.phase_seconds}
 
 
 if __name__ == "__main__":

@@ -16,10 +16,15 @@ import json
 import os
 import sys
 
-import matplotlib
+if __package__ in (None, ""):  # run as a file: import the benchmarks package from the repository
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks.config import Setting  # noqa: E402
 
 STYLE = {
     "rtn": ("tab:gray", "o", "-"),
@@ -31,11 +36,6 @@ STYLE = {
     "brevitas_gpfq": ("tab:olive", "<", "--"),
     "brevitas_learned_round": ("tab:purple", ">", "--"),
 }
-
-
-def _bits(setting: str) -> tuple[int, int | None]:
-    w, _, a = setting.upper()[1:].partition("A")
-    return int(w), (int(a) if a else None)
 
 
 def plot(results: str, out: str | None = None, metric: str = "mean_dice") -> str:
@@ -54,13 +54,13 @@ def plot(results: str, out: str | None = None, metric: str = "mean_dice") -> str
     for r in rows:
         if r["method"] == "float" or r.get(metric) is None:
             continue
-        w, a = _bits(r["setting"])
-        series.setdefault((r["method"], a is not None), []).append((w, r[metric]))
+        setting = Setting.parse(r["setting"])
+        series.setdefault((r["method"], setting.act_bits is not None), []).append((setting.weight_bits, r[metric]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     titles = ("weights only (first/last W8)", "weights + activations (WbAb, first/last W8 float input)")
     for ax, with_act, title in zip(axes, (False, True), titles):
         methods = [m for (m, act) in series if act == with_act]
-        for method in sorted(set(methods), key=lambda m: list(STYLE).index(m) if m in STYLE else 99):
+        for method in sorted(dict.fromkeys(methods), key=lambda m: list(STYLE).index(m) if m in STYLE else 99):
             pts = sorted(series[(method, with_act)])
             color, marker, ls = STYLE.get(method, ("black", "x", ":"))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=ls, color=color, label=method)

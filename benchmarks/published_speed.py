@@ -394,6 +394,65 @@ def _ratios(rows: list[dict]) -> list[str]:
     return lines + [""] if lines else []
 
 
+def _run_case(case: dict, paths: dict[str, str], settings: dict[str, Any], index: int, tmp: str,
+              timeout: float) -> dict:
+    """Run one case in its own subprocess (one thread) and return its row (``error`` set when it failed)."""
+    spec = dict(case, **paths, **settings, result=os.path.join(tmp, f"result_{index}.json"))
+    spec_path = os.path.join(tmp, f"spec_{index}.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    row = {"label": _label(case), **case, "load_before": os.getloadavg()[0]}
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker_spec", spec_path],
+                              env=dict(os.environ, **THREAD_ENV), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        row["error"] = f"timeout after {timeout:.0f} s"
+        return row
+    if proc.returncode != 0:
+        row["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"
+        print(proc.stderr[-3000:], file=sys.stderr)
+    else:
+        with open(spec["result"]) as f:
+            row.update(json.load(f))
+    return row
+
+
+def _markdown(meta: dict[str, Any], rows: list[dict], command: str) -> str:
+    """The Markdown report: the setup, the table, the speed ratios and where the time goes."""
+    weight_bits, act_bits = meta["weight_bits"], meta["act_bits"]
+    phases = [f"- {r['label']}, {r['iterations'] or '–'} it.: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in (r.get("phase_cpu_seconds") or r.get("phase_wall_seconds")).items())
+              for r in rows if r.get("phase_cpu_seconds") or r.get("phase_wall_seconds")]
+    return "\n".join([
+        "# Published EfficientQ code vs ours: quantizing-pass time",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"- Machine: {meta['machine']}.",
+        f"- Case: {meta['network']}, random weights; sigmoid (multi-label) attention; one calibration volume "
+        f"{'x'.join(map(str, SHAPE))} (seeded smooth synthetic), W{weight_bits}A{act_bits}, first/last layer "
+        "8-bit weights with float input.",
+        "- Published code: github.com/rongzhao-zhang/EfficientQ (MIT), imported from `--published_path`, its "
+        "`EfficientQConv` swapped in for every Conv3d and driven like its `ptqer.do_ptq` (see the script docstring). "
+        "`published_rtn` is not shipped by it: rounding with its `project_by_iter` ranges.",
+        "- Timed: the quantizing pass only (published: float reference forward + attention + quantizing forward; "
+        "ours: the `quantize_network` call). Error: ‖q−f‖²/‖f‖² of the logits on a held-out seeded volume "
+        "(and on the calibration volume).",
+        f"- Versions: torch {meta['torch']}; ours git {meta['ours']['git_head'][:10]}"
+        f"{' + uncommitted package edits' if meta['ours']['package_dirty'] else ''} (package sources sha1 "
+        f"{meta['ours']['package_sources_sha1'][:10]}); published git {meta['published']['git_head'][:10]}.",
+        "",
+        *_table(rows),
+        "",
+        *_ratios(rows),
+        "Where the time goes (published: CPU s in its solver set-up = numpy im2col + Gram, its per-iteration "
+        "`torch.linalg.solve`, its `project_by_iter` range fits, and the rest; ours: the report's wall-time phases):",
+        "",
+        *phases,
+        "",
+    ])
+
+
 def run(published_path: str, iterations: list[int], eq_options: list[dict], impls: list[str], out_dir: str,
         weight_bits: int = 2, act_bits: int = 2, timeout: float = 3600.0, machine_note: str = "",
         command: str = "") -> list[dict]:
@@ -414,79 +473,30 @@ def run(published_path: str, iterations: list[int], eq_options: list[dict], impl
     Returns:
         One dict per case.
     """
-    env = dict(os.environ, **THREAD_ENV)
-    rows = []
     load_before = os.getloadavg()
+    settings = {"published_path": published_path, "weight_bits": weight_bits, "act_bits": act_bits}
+    rows = []
     with tempfile.TemporaryDirectory(prefix="published_speed_") as tmp:
         paths = prepare(tmp)
         print(f"weights and volumes in {tmp}; {SHAPE}, W{weight_bits}A{act_bits}", flush=True)
         for k, case in enumerate(_cases(impls, iterations, eq_options)):
-            spec = dict(case, **paths, published_path=published_path, weight_bits=weight_bits, act_bits=act_bits,
-                        result=os.path.join(tmp, f"result_{k}.json"))
-            spec_path = os.path.join(tmp, f"spec_{k}.json")
-            with open(spec_path, "w") as f:
-                json.dump(spec, f)
-            row = {"label": _label(case), **case, "load_before": os.getloadavg()[0]}
-            try:
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker_spec", spec_path],
-                                      env=env, capture_output=True, text=True, timeout=timeout)
-                if proc.returncode != 0:
-                    row["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"
-                    print(proc.stderr[-3000:], file=sys.stderr)
-                else:
-                    with open(spec["result"]) as f:
-                        row.update(json.load(f))
-            except subprocess.TimeoutExpired:
-                row["error"] = f"timeout after {timeout:.0f} s"
-            rows.append(row)
-            print(_table([row])[-1], flush=True)
+            rows.append(_run_case(case, paths, settings, k, tmp, timeout))
+            print(_table([rows[-1]])[-1], flush=True)
     load_after = os.getloadavg()
-    lines = _table(rows)
-    print("\n".join(lines))
+    print("\n".join(_table(rows)))
     machine = (f"2-core {platform.machine()} CPU ({os.cpu_count()} cores visible), 1 thread per run "
                f"(OMP/MKL/OpenBLAS=1, torch.set_num_threads(1)); 1-min load average {load_before[0]:.2f} at start, "
                f"{load_after[0]:.2f} at end" + (f"; {machine_note}" if machine_note else ""))
-    os.makedirs(out_dir, exist_ok=True)
     meta = {"command": command, "machine": machine, "python": platform.python_version(), "shape": list(SHAPE),
             "weight_bits": weight_bits, "act_bits": act_bits, "first_last": "8-bit weights, float input",
             "network": "SegResNet(spatial_dims=3, in_channels=4, out_channels=3, init_filters=8, "
                        "blocks_down=(1,2,2,4), blocks_up=(1,1,1)), torch.manual_seed(0)",
-            "volumes": "smooth_volume(seed=0) calibration, smooth_volume(seed=1) held-out"}
-    meta.update(_versions(published_path))
+            "volumes": "smooth_volume(seed=0) calibration, smooth_volume(seed=1) held-out", **_versions(published_path)}
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "published_speed.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    md = [
-        "# Published EfficientQ code vs ours: quantizing-pass time",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"- Machine: {machine}.",
-        f"- Case: {meta['network']}, random weights; sigmoid (multi-label) attention; one calibration volume "
-        f"{'x'.join(map(str, SHAPE))} (seeded smooth synthetic), W{weight_bits}A{act_bits}, first/last layer "
-        "8-bit weights with float input.",
-        "- Published code: github.com/rongzhao-zhang/EfficientQ (MIT), imported from `--published_path`, its "
-        "`EfficientQConv` swapped in for every Conv3d and driven like its `ptqer.do_ptq` (see the script docstring). "
-        "`published_rtn` is not shipped by it: rounding with its `project_by_iter` ranges.",
-        "- Timed: the quantizing pass only (published: float reference forward + attention + quantizing forward; "
-        "ours: the `quantize_network` call). Error: ‖q−f‖²/‖f‖² of the logits on a held-out seeded volume "
-        "(and on the calibration volume).",
-        f"- Versions: torch {meta['torch']}; ours git {meta['ours']['git_head'][:10]}"
-        f"{' + uncommitted package edits' if meta['ours']['package_dirty'] else ''} (package sources sha1 "
-        f"{meta['ours']['package_sources_sha1'][:10]}); published git {meta['published']['git_head'][:10]}.",
-        "",
-        *lines,
-        "",
-        *_ratios(rows),
-        "Where the time goes (published: CPU s in its solver set-up = numpy im2col + Gram, its per-iteration "
-        "`torch.linalg.solve`, its `project_by_iter` range fits, and the rest; ours: the report's wall-time phases):",
-        "",
-        *[f"- {r['label']}, {r['iterations'] or '–'} it.: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in (r.get("phase_cpu_seconds") or r.get("phase_wall_seconds") or {}).items())
-          for r in rows if r.get("phase_cpu_seconds") or r.get("phase_wall_seconds")],
-        "",
-    ]
     with open(os.path.join(out_dir, "published_speed.md"), "w") as f:
-        f.write("\n".join(md))
+        f.write(_markdown(meta, rows, command))
     return rows
 
 

@@ -1,94 +1,105 @@
 """EfficientQ vs round-to-nearest on a SegResNet (init_filters 8) with one 64³ calibration volume, on CPU.
 
-Each (setting, method) runs in a fresh subprocess so its peak memory (max RSS) is its own. Output error is
-the relative squared error of the quantized logits vs the float logits (``‖q - f‖² / ‖f‖²``), on the
-calibration crop and on a held-out crop of another volume; sizes are the float32 state dict vs the packed file.
+Each (setting, method) runs in a fresh process so its peak memory (max RSS) is its own. Output error is the relative
+squared error of the quantized logits vs the float logits (``‖q - f‖² / ‖f‖²``), on the calibration crop and on a
+held-out crop of another volume; sizes are the float32 state dict vs the packed file.
 
     python benchmarks/segresnet_cpu.py --threads 2 --out benchmarks/results/segresnet_cpu.json
 
-By default it uses the bundle's trained model and its calibration / first evaluation volume.
+By default it uses the bundle's trained model and its calibration / first evaluation volume, both cropped by the
+bundle's protocol (:func:`monai_efficientq.io.load_calibration_volume`).
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import platform
+import sys
 import tempfile
-import time
+from typing import Any
 
-import fire
+if __package__ in (None, ""):  # run as a file: import the benchmarks package from the repository
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BUNDLE = os.path.join(HERE, "..", "bundles", "brain_tissue_mri_segmentation")
-SETTINGS = {"W4": (4, None), "W3": (3, None), "W2": (2, None), "W2A2": (2, 2)}
+import fire  # noqa: E402
 
+from benchmarks.config import Setting, as_list  # noqa: E402
+from benchmarks.measure import Stopwatch, peak_memory_mb, run_in_fresh_process  # noqa: E402
+from benchmarks.networks import BUNDLE_DATA, BUNDLE_MODEL  # noqa: E402
 
-def _network():
-    from monai.networks.nets import SegResNet
-
-    return SegResNet(spatial_dims=3, in_channels=1, out_channels=4, init_filters=8, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
-
-
-def _volume(path: str, size: int):
-    from monai_efficientq.io import load_calibration_volume
-
-    return load_calibration_volume(path, roi_size=size, crop="foreground", divisible_by=16, normalize="nonzero")
+SETTINGS = ("W4", "W3", "W2", "W2A2")
+METHODS = ("rtn", "efficientq", "efficientq_original")
 
 
-def _one(args: dict, queue) -> None:
-    import resource
-
+def _errors(net: Any, qnet: Any, volumes: dict[str, Any]) -> dict[str, float]:
+    """Relative output error and voxel agreement of ``qnet`` vs ``net`` on each volume."""
     import torch
 
+    errors = {}
+    with torch.no_grad():
+        for name, x in volumes.items():
+            f, q = net(x[None]), qnet(x[None])
+            errors[name] = float((q - f).pow(2).sum() / f.pow(2).sum())
+            errors[name + "_label_agreement"] = (q.argmax(1) == f.argmax(1)).float().mean().item()
+    return errors
+
+
+def _one(args: dict[str, Any]) -> dict[str, Any]:
+    """Quantize once (in a fresh process) and measure; one row of the table."""
+    import torch
+
+    from benchmarks.networks import bundle_segresnet
     from monai_efficientq import EfficientQConfig, quantize_network, save_quantized
-    from monai_efficientq.io import load_float_weights
+    from monai_efficientq.io import load_calibration_volume, load_float_weights
 
     torch.set_num_threads(args["threads"])
-    net = _network()
+    torch.manual_seed(0)
+    net = bundle_segresnet()
     if args["checkpoint"]:
         load_float_weights(net, args["checkpoint"])
-    else:
-        torch.manual_seed(0)
     net.eval()
-    calib = _volume(args["calib"], args["size"])
-    held = _volume(args["held_out"], args["size"])
-    bits, act = SETTINGS[args["setting"]]
-    cfg = EfficientQConfig(weight_bits=bits, act_bits=act, method=args["method"], preset=args["preset"],
-                           iterations=args["iterations"], progress=False)
-    t0 = time.perf_counter()
-    qnet, report = quantize_network(net, calib, cfg)
-    seconds = time.perf_counter() - t0
+    volumes = {name: load_calibration_volume(args[name], roi_size=args["size"]) for name in ("calib", "held_out")}
+    setting = Setting.parse(args["setting"])
+    method, _, original = args["method"].partition("_")
+    cfg = EfficientQConfig(weight_bits=setting.weight_bits, act_bits=setting.act_bits, method=method,
+                           preset=original or "default", iterations=args["iterations"], progress=False)
+    with Stopwatch(torch.device("cpu")) as clock:
+        qnet, report = quantize_network(net, volumes["calib"], cfg)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "q.pt")
         save_quantized(qnet, path)
         size = os.path.getsize(path)
-    errors = {}
-    with torch.no_grad():
-        for name, x in (("calib", calib[None]), ("held_out", held[None])):
-            f, q = net(x), qnet(x)
-            errors[name] = float((q - f).pow(2).sum() / f.pow(2).sum())
-            agree = (q.argmax(1) == f.argmax(1)).float().mean().item()
-            errors[name + "_label_agreement"] = agree
-    queue.put({
-        "setting": args["setting"], "method": args["method"], "preset": args["preset"], "seconds": round(seconds, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    errors = _errors(net, qnet, volumes)
+    return {
+        "setting": setting.name, "method": args["method"], "preset": original or "default",
+        "seconds": round(clock.seconds, 1), "peak_rss_mb": round(peak_memory_mb(torch.device("cpu"))),
         "rel_output_error_calib": errors["calib"], "rel_output_error_held_out": errors["held_out"],
         "voxel_agreement_held_out": errors["held_out_label_agreement"],
         "float_bytes": report.float_bytes, "packed_bytes": size, "compression": round(report.float_bytes / size, 2),
-    })
+    }
+
+
+def _print_table(rows: list[dict[str, Any]], threads: int, size: int, iterations: int) -> None:
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, threads {threads}; crop {size}^3, iterations {iterations}")
+    print("| setting | method | seconds | peak RSS MB | rel. output error (calib) | rel. output error (held-out) | "
+          "voxel agreement (held-out) | packed KiB | float/packed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['method']} | {r['seconds']} | {r['peak_rss_mb']} | {r['rel_output_error_calib']:.4f} | "
+              f"{r['rel_output_error_held_out']:.4f} | {r['voxel_agreement_held_out']:.4f} | {r['packed_bytes'] / 1024:.0f} | "
+              f"{r['compression']} |")
 
 
 def run(
     threads: int = 2,
     size: int = 64,
     iterations: int = 200,
-    checkpoint: str | None = os.path.join(BUNDLE, "models", "model.pt"),
-    calib: str = os.path.join(BUNDLE, "data", "calib", "calib_t1.nii.gz"),
-    held_out: str = os.path.join(BUNDLE, "data", "eval", "case_000_t1.nii.gz"),
-    settings: str = "W4,W3,W2,W2A2",
-    methods: str = "rtn,efficientq",
+    checkpoint: str | None = BUNDLE_MODEL,
+    calib: str = os.path.join(BUNDLE_DATA, "calib", "calib_t1.nii.gz"),
+    held_out: str = os.path.join(BUNDLE_DATA, "eval", "case_000_t1.nii.gz"),
+    settings: Any = ",".join(SETTINGS),
+    methods: Any = "rtn,efficientq",
     out: str | None = None,
 ) -> list:
     """Run every (setting, method) pair and print one JSON row each, then a Markdown table.
@@ -97,7 +108,7 @@ def run(
         threads: torch threads per run.
         size: calibration crop (cube side).
         iterations: ADMM iterations per layer.
-        checkpoint: float state dict (``None`` or a missing file: random weights).
+        checkpoint: float state dict (``None`` or a missing file: seeded random weights).
         calib: calibration NIfTI.
         held_out: another NIfTI for the held-out error.
         settings: comma-separated subset of W4,W3,W2,W2A2.
@@ -107,30 +118,14 @@ def run(
     if checkpoint and not os.path.isfile(checkpoint):
         print(f"{checkpoint} not found: using random weights")
         checkpoint = None
-    settings = settings.split(",") if isinstance(settings, str) else list(settings)
-    methods = methods.split(",") if isinstance(methods, str) else list(methods)
-    ctx = mp.get_context("spawn")
     rows = []
-    for setting in settings:
-        for method in methods:
-            preset = "original" if method.endswith("_original") else "default"
+    for setting in as_list(settings):
+        for method in as_list(methods):
             args = {"threads": threads, "size": size, "iterations": iterations, "checkpoint": checkpoint,
-                    "calib": calib, "held_out": held_out, "setting": setting,
-                    "method": method.replace("_original", ""), "preset": preset}
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_one, args=(args, queue))
-            proc.start()
-            row = queue.get()
-            proc.join()
-            row["method"] = method
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, threads {threads}; crop {size}^3, iterations {iterations}")
-    print("| setting | method | seconds | peak RSS MB | rel. output error (calib) | rel. output error (held-out) | voxel agreement (held-out) | packed KiB | float/packed |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['setting']} | {r['method']} | {r['seconds']} | {r['peak_rss_mb']} | {r['rel_output_error_calib']:.4f} | "
-              f"{r['rel_output_error_held_out']:.4f} | {r['voxel_agreement_held_out']:.4f} | {r['packed_bytes'] / 1024:.0f} | {r['compression']} |")
+                    "calib": calib, "held_out": held_out, "setting": setting, "method": method}
+            rows.append(run_in_fresh_process(_one, args))
+            print(json.dumps(rows[-1]), flush=True)
+    _print_table(rows, threads, size, iterations)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:

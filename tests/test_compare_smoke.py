@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -22,12 +23,7 @@ UNET_KWARGS = {
 
 
 def _load(name: str):
-    path = os.path.join(REPO, "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -115,20 +111,39 @@ def test_compare_ours_w4(compare, data, tmp_path):
     assert os.path.getsize(png) > 0
 
 
-def test_calibration_crop_is_the_bundle_protocol(compare):
+def test_calibration_crop_is_the_bundle_protocol():
+    from benchmarks.data import calibration_set
     from monai_efficientq.transforms import CalibrationCrop
 
     image = torch.zeros(1, 40, 40, 40)
     image[:, 25:35, 5:15, 18:22] = 1.0
     label = (image > 0).float()
-    crop, crop_label, box = compare.calibration_crop(image, label, (16, 16, 20), divisor=16)
-    assert crop.shape == (1, 16, 16, 32)  # the ROI padded *up* to multiples of 16, as CalibrationCrop does
-    assert torch.equal(crop, CalibrationCrop((16, 16, 20), divisible_by=16)(image))
-    assert torch.equal(crop_label, crop)  # the label gets the image's box
-    assert box["start"] == [22, 2, 10]
-    assert crop.sum() == image.sum()  # the foreground is inside the crop
-    crop, _, box = compare.calibration_crop(torch.ones(2, 10, 33, 16), None, None)
-    assert crop.shape == (2, 16, 48, 16)
+    calib = calibration_set([(image, label)], (16, 16, 20), divisor=16)
+    assert calib.image.shape == (1, 1, 16, 16, 32)  # the ROI padded *up* to multiples of 16, as CalibrationCrop does
+    assert torch.equal(calib.image[0], CalibrationCrop((16, 16, 20), divisible_by=16)(image))
+    assert torch.equal(calib.label, calib.image)  # the label gets the image's box
+    assert calib.box["start"] == [22, 2, 10] and calib.box["end"] == [38, 18, 30]
+    assert calib.image.sum() == image.sum()  # the foreground is inside the crop
+    whole = calibration_set([(torch.ones(2, 10, 33, 16), None)], None, 16)
+    assert whole.image.shape == (1, 2, 16, 48, 16) and whole.label is None
+
+
+def test_run_data_calibrates_on_the_bundle_pipeline(data):
+    """The comparison's calibration batch is the one io.load_calibration (LoadImaged, NormalizeIntensityd,
+    CalibrationCropd: the bundle's protocol) gives for the datalist's calibration item."""
+    from benchmarks.config import CompareConfig
+    from benchmarks.data import load_run_data
+    from monai_efficientq.io import load_calibration
+
+    cfg = CompareConfig(eval_datalist=str(data / "datalist.json"), calib_roi=16, out=None)
+    run_data = load_run_data(cfg)
+    image, label = load_calibration(str(data / "img0.nii.gz"), str(data / "lab0.nii.gz"), roi_size=16)
+    assert torch.equal(run_data.calibration.image[0], image)
+    assert torch.equal(run_data.calibration.label[0], label)
+    assert run_data.calibration.box["size"] == [16, 16, 16] and run_data.calibration.box["volume"] == [20, 24, 18]
+    assert run_data.class_names == ["bg", "a", "b"]
+    assert len(run_data.cases) == 2 and run_data.cases[0][0].shape == (1, 20, 24, 18)
+    assert run_data.eval_images == [str(data / "img1.nii.gz"), str(data / "img2.nii.gz")]
 
 
 def test_compare_brevitas_w4(compare, data, tmp_path):
@@ -175,8 +190,6 @@ def test_merge_keeps_the_first_row_and_pivot_marks_missing_runs(tmp_path):
 
 
 def test_eq_options_and_several_calibration_volumes_reach_our_rows(compare, data, tmp_path):
-    assert compare._as_dict({"holdout": "false", "calib_augment": 1}) == {"holdout": False, "calib_augment": 1}
-    assert compare._as_dict('{"holdout": true}') == {"holdout": True}
     out = tmp_path / "options.json"
     two = f"{data / 'img0.nii.gz'},{data / 'img1.nii.gz'}"  # two calibration volumes, one batch
     _run(compare, data, out, "eq_default", eq_options={"calib_augment": 0, "holdout": "false", "eta_factor": 0.5},
@@ -187,9 +200,24 @@ def test_eq_options_and_several_calibration_volumes_reach_our_rows(compare, data
     (row,) = [r for r in results["rows"] if r["method"] == "eq_default"]
     assert row["status"] == "ok", row.get("traceback")
     assert '"eta_factor": 0.5' in (tmp_path / "options.md").read_text()
-    with pytest.raises(TypeError):
-        compare.quantize_ours("eq_default", None, None, None, 2, None, {"iterations": 1, "prediction": "softmax",
-                              "device": "cpu", "eq_options": {"no_such_field": 1}}, str(tmp_path))
+
+
+def test_the_command_line_runs_as_written_in_the_docs(data, tmp_path):
+    """``python benchmarks/compare.py run ...`` (a file inside the package) imports the package and writes both files."""
+    out = tmp_path / "cli.json"
+    command = [
+        sys.executable, os.path.join(REPO, "benchmarks", "compare.py"), "run", "--network", "monai.networks.nets.UNet",
+        "--network_kwargs", json.dumps(UNET_KWARGS), "--checkpoint", str(data / "unet.pt"),
+        "--eval_datalist", str(data / "datalist.json"), "--methods", "float,rtn", "--settings", "W4",
+        "--roi_size", "16", "--calib_roi", "full", "--threads", "1", "--isolate", "False", "--out", str(out),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(command, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| rtn | W4 |" in done.stdout
+    rows = {(r["method"], r["setting"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows[("rtn", "W4")]["status"] == "ok"
+    assert (tmp_path / "cli.md").is_file()
 
 
 def test_merge_labels_variant_rows(tmp_path):
