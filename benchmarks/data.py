@@ -1,7 +1,7 @@
 """The float network, the evaluation volumes and the calibration batch of a comparison run.
 
 Everything is read through :mod:`monai_efficientq.io` (the network, its weights, the volumes with the intensity
-normalisation the network was trained with) and the datalist through :func:`monai_efficientq.bundle.datalist_items`;
+normalisation the network was trained with) and the datalist through :func:`monai_efficientq.io.load_datalist`;
 the calibration crop is the package's :class:`~monai_efficientq.transforms.CalibrationCropd`, so the benchmarks
 calibrate on the bundle's crop.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_efficientq.bundle import datalist_items
+from monai_efficientq.io import load_datalist
 from monai_efficientq.io import build_network, load_calibration, load_float_weights
 from monai_efficientq.transforms import CalibrationCropd
 
@@ -105,10 +105,10 @@ def _datalist(cfg: CompareConfig) -> tuple[list[dict[str, Any]], dict[str, Any],
     """The evaluation items, the calibration item and the class names of ``cfg.eval_datalist`` (if any)."""
     if not cfg.eval_datalist:
         return [], {}, None
-    items = datalist_items(cfg.eval_datalist, cfg.datalist_key, cfg.data_root, cfg.max_eval_cases)
+    items = load_datalist(cfg.eval_datalist, cfg.datalist_key, cfg.data_root, cfg.max_eval_cases)
     with open(cfg.eval_datalist, encoding="utf-8") as f:
         sections = json.load(f)
-    calibration = datalist_items(cfg.eval_datalist, "calibration", cfg.data_root)[0] if "calibration" in sections else {}
+    calibration = load_datalist(cfg.eval_datalist, "calibration", cfg.data_root)[0] if "calibration" in sections else {}
     labels = sections.get("labels")
     names = [labels.get(str(i), f"class{i}") for i in range(len(labels))] if isinstance(labels, dict) else None
     return items, calibration, names

@@ -26,6 +26,7 @@ __all__ = [
     "normalize_volume",
     "check_output_path",
     "check_image_values",
+    "load_datalist",
 ]
 
 
@@ -309,3 +310,34 @@ def check_output_path(path: str | os.PathLike, what: str) -> str:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path!r} cannot be created: the folder {ancestor!r} is not writable.")
     return path
+
+
+def load_datalist(
+    datalist_file: str, section: str, base_dir: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The items of one section of a MONAI datalist JSON, with absolute paths (MONAI's ``load_decathlon_datalist``;
+    a section holding one item as a dict, such as ``"calibration": {"image": ..., "label": ...}``, reads as a
+    one-item list).
+
+    Args:
+        datalist_file: the datalist.
+        section: the key to read (e.g. ``"evaluation"``, ``"calibration"``).
+        base_dir: relative paths are relative to this (default: the datalist's folder).
+        limit: keep only the first ``limit`` items (``None``: all).
+    """
+    from monai.data import load_decathlon_datalist
+
+    if not os.path.isfile(datalist_file):
+        raise FileNotFoundError(f"datalist not found: {datalist_file}")
+    with open(datalist_file, encoding="utf-8") as f:
+        sections = json.load(f)
+    if section not in sections:
+        raise KeyError(f"{datalist_file} has no section {section!r} (sections: {list(sections)}).")
+    if limit is not None and int(limit) < 1:
+        raise ValueError(f"limit={limit!r}: give a positive number of items (or None for all).")
+    base = base_dir if base_dir is not None else os.path.dirname(os.path.abspath(datalist_file))
+    if isinstance(sections[section], dict):  # one item
+        item = sections[section]
+        return [{k: os.path.join(base, v) if k in ("image", "label") and isinstance(v, str) else v for k, v in item.items()}]
+    items = load_decathlon_datalist(datalist_file, True, section, base)
+    return items[: int(limit)] if limit is not None else items
