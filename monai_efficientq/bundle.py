@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .io import check_output_path
 from .modules import quantization_info
 from .report import QuantizationReport
 
@@ -50,17 +51,11 @@ def _file_paths(value: Any) -> list[str]:
 
 
 def _writable_target(path: str, what: str) -> str | None:
-    """Why ``path`` could not be written (without creating anything), or ``None``."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        return f"{what}={path!r} is a directory; give a file path"
-    folder = os.path.dirname(path)
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:  # the first existing ancestor
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        return f"{what}={path!r}: {folder!r} is a file, not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        return f"{what}={path!r} is not writable"
+    """Why ``path`` could not be written (:func:`~monai_efficientq.io.check_output_path`), or ``None``."""
+    try:
+        check_output_path(path, what)
+    except ValueError as err:
+        return str(err).rstrip(".")
     return None
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .checkpoint import FORMAT, load_quantized_, save_dequantized, save_quantized
 from .config import EfficientQConfig
-from .io import load_float_weights
+from .io import check_output_path, load_float_weights
 from .modules import quantization_info
 from .network import quantize_
 from .report import QuantizationReport
@@ -117,21 +117,6 @@ def _engine_network(engine: Engine, network: nn.Module | None, owner: str) -> nn
 def _module_device(net: nn.Module) -> torch.device:
     first = next(itertools.chain(net.parameters(), net.buffers()), None)
     return first.device if first is not None else torch.device("cpu")
-
-
-def _check_writable(path: str | os.PathLike, what: str) -> str:
-    """The absolute ``path``, after creating its folder; raises ``ValueError`` if it cannot be written."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"{what}={path!r} is a directory; give a file path.")
-    folder = os.path.dirname(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{what}: cannot create the folder {folder!r} ({err}).") from err
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"{what}: {path!r} is not writable.")
-    return path
 
 
 def is_packed_checkpoint(path: str | os.PathLike) -> bool:
@@ -366,7 +351,7 @@ class EfficientQHandler:
         self.logger = engine.logger
         for what, path in self.outputs.items():
             if path is not None:
-                _check_writable(path, what)
+                check_output_path(path, what)
         engine.add_event_handler(self._event_for(engine), self)
 
     def __call__(self, engine: Engine) -> None:
