@@ -26,6 +26,7 @@ __all__ = [
     "normalize_volume",
     "check_output_path",
     "check_image_values",
+    "CalibrationImageError",
     "load_datalist",
 ]
 
@@ -195,11 +196,15 @@ def load_calibration(
     try:
         out = transform(data)
     except Exception as err:
-        if isinstance(err.__cause__, ValueError) and "the calibration volume has" in str(err.__cause__):
-            raise ValueError(f"{path}: {err.__cause__}") from None
+        if isinstance(err.__cause__, CalibrationImageError):  # raised by check_image_values inside the pipeline
+            raise CalibrationImageError(f"{path}: {err.__cause__}") from None
         raise ValueError(_unreadable_image_message(path, label_path, err)) from None
     label = out.get("label")
     return torch.as_tensor(out["image"]).float(), None if label is None else torch.as_tensor(label)
+
+
+class CalibrationImageError(ValueError):
+    """A calibration image that was read but cannot be calibrated on (NaN/Inf voxels, one value everywhere)."""
 
 
 def check_image_values(image: Any) -> Any:
@@ -209,17 +214,17 @@ def check_image_values(image: Any) -> Any:
         image: the image as read (before any normalisation).
 
     Raises:
-        ValueError: naming how many voxels are not finite, or the constant value.
+        CalibrationImageError: naming how many voxels are not finite, or the constant value.
     """
     values = torch.as_tensor(image)
     bad = int((~torch.isfinite(values)).sum())
     if bad:
-        raise ValueError(
+        raise CalibrationImageError(
             f"the calibration volume has {bad} NaN/Inf voxel(s) of {values.numel()}: clean it (e.g. replace them "
             f"with 0) or use another volume."
         )
     if values.numel() and bool((values == values.reshape(-1)[0]).all()):
-        raise ValueError(
+        raise CalibrationImageError(
             f"the calibration volume has the value {float(values.reshape(-1)[0]):g} in every voxel: it carries no "
             f"signal to calibrate on; use a real image."
         )
