@@ -149,6 +149,11 @@ def save_with_dice(
     report.to_markdown(os.path.splitext(os.fspath(report_path))[0] + ".md")
     for model, values in report.dice.items():
         logger.info("EfficientQ Dice %s: %s", model, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    logger.info(
+        "EfficientQ wrote %s (%.2f MiB, %.1fx smaller), %s and %s", quantized_path,
+        os.path.getsize(quantized_path) / 2**20, report.compression, report_path,
+        os.path.splitext(os.fspath(report_path))[0] + ".md",
+    )
     return report
 
 
@@ -213,6 +218,7 @@ def write_quantized_metadata(
     section["dice"] = {m: {k: round(v, 4) for k, v in d.items()} for m, d in (report.dice or {}).items()}
     meta["quantization"] = section  # replaces the template section: only what this run did
     atomic_write_text(metadata_path, json.dumps(meta, indent=4) + "\n")
+    logger.info("EfficientQ wrote %s", metadata_path)
     return meta
 
 

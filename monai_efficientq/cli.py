@@ -31,7 +31,7 @@ def quantize(
     weight_bits: int = 2, act_bits: int | None = None, first_last_bits: int | None = 8, method: str = "efficientq",
     preset: str = "default", iterations: int = 200, patience: int | None = 60, attention: str = "prediction",
     prediction: str = "softmax", calib_augment: int | None = None, holdout: bool | None = None,
-    device: str | None = None, threads: int | None = None, quiet: bool = False,
+    device: str | None = None, num_threads: int | None = None, quiet: bool = False,
 ) -> None:
     """Quantize a trained float network from one calibration volume and write the packed checkpoint and report.
 
@@ -63,7 +63,7 @@ def quantize(
         calib_augment: augmented copies of the calibration volume (default: the preset's, 2 or 0).
         holdout: choose each layer's solution on a copy the fit does not see (default: the preset's).
         device: cpu, cuda or cuda:N (default cpu).
-        threads: CPU threads for torch (default: torch's, all cores; results can differ in the last bits between
+        num_threads: CPU threads for torch (default: torch's, all cores; results can differ in the last bits between
             thread counts, see the README).
         quiet: no progress bar or per-layer log. Add --debug to any command for the full traceback of an error.
     """
@@ -74,7 +74,7 @@ def quantize(
     )
     report_path = report_path or os.path.splitext(output)[0] + ".json"
     _check_outputs(output, report_path, dequantized)
-    _set_threads(threads)
+    _set_threads(num_threads)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     net = load_float_weights(build_network(network, network_kwargs, config_file, network_id, bundle_root), checkpoint)
     float_net = copy.deepcopy(net) if dequantized else None
@@ -93,14 +93,14 @@ def _check_outputs(output: str, report_path: str, dequantized: str | None) -> No
         check_output_path(dequantized, "--dequantized")
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is None:
+def _set_threads(num_threads: int | None) -> None:
+    if num_threads is None:
         return
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise ValueError(f"--threads={threads!r}: give a whole number of CPU threads, 1 or more.")
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
+        raise ValueError(f"--num_threads={num_threads!r}: give a whole number of CPU threads, 1 or more.")
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(num_threads)
 
 
 def _log_beside_progress_bar(progress: bool) -> Any:
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import fire
 
+    from .workflow import one_line
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
@@ -177,14 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         if debug:
             raise
-        print(f"monai-efficientq: error: {_one_line(err)} (add --debug for the traceback)", file=sys.stderr)
+        print(f"monai-efficientq: error: {one_line(err)} (add --debug for the traceback)", file=sys.stderr)
         sys.exit(2)
-
-
-def _one_line(err: Exception) -> str:
-    message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
-    text = " ".join(str(message).split()) or type(err).__name__
-    return text if isinstance(err, (ValueError, KeyError, OSError)) else f"{type(err).__name__}: {text}"
 
 
 if __name__ == "__main__":

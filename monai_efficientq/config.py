@@ -156,7 +156,10 @@ class EfficientQConfig:
         solver_dtype: dtype in which the Gram matrices are summed and ADMM solves (``"float64"`` or
             ``"float32"``); each im2col chunk's products are computed in the activations' dtype.
         device: where layers are solved (``None``: the network's device).
-        target_device: where float targets are kept (``None``: the solve device; ``"cpu"`` saves GPU memory).
+        target_device: where the float targets (every layer's float output, recorded in one forward) wait for
+            their layer: ``None`` the solve device; ``"cpu"`` saves GPU memory; ``"disk"`` files in a temporary
+            folder (under ``TMPDIR``, removed at the end), so at most one target is in memory at a time
+            (:mod:`~monai_efficientq.targets`).
         chunk_bytes: memory bound of one im2col chunk when accumulating Gram matrices.
         act_fit_samples: at most this many values are used to fit an activation quantizer, and (for
             ``act_fit="output"``) the output errors that choose its range are measured on a regular sub-grid of
@@ -221,8 +224,9 @@ class EfficientQConfig:
         self.skip_layers = list(self.skip_layers)
         self._check_choices()
         self._check_numbers()
-        for name in ("device", "target_device"):
-            _check_device(name, getattr(self, name))
+        _check_device("device", self.device)
+        if self.target_device != "disk":
+            _check_device("target_device", self.target_device)
 
     def _check_choices(self) -> None:
         _check_bits("weight_bits", self.weight_bits, allow_none=False)

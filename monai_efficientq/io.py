@@ -286,7 +286,7 @@ def normalize_volume(image: Any, normalize: str = "nonzero") -> Any:
 
 
 def check_output_path(path: str | os.PathLike, what: str) -> str:
-    """Check, before any work, that a file can be written at ``path``; nothing is created.
+    """Check, before any work, that a file can be written at ``path``; nothing is left behind.
 
     The folders that do not exist yet are created when the file is written (atomically, see
     :func:`~monai_efficientq.checkpoint.atomic_write`), so a run that fails leaves none behind.
@@ -312,9 +312,23 @@ def check_output_path(path: str | os.PathLike, what: str) -> str:
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
         raise ValueError(f"{what} {path!r} cannot be created: {ancestor!r} is a file, not a folder.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if not os.access(ancestor, os.W_OK | os.X_OK) or not _can_create_file_in(ancestor):
         raise ValueError(f"{what} {path!r} cannot be created: the folder {ancestor!r} is not writable.")
     return path
+
+
+def _can_create_file_in(folder: str) -> bool:
+    """Whether a file can really be created in ``folder`` (``os.access`` says yes to root on read-only mounts and
+    on pseudo file systems such as /proc): a probe file is created and removed at once."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".efficientq-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(probe)
+    return True
 
 
 def load_datalist(

@@ -41,6 +41,7 @@ from .modules import QuantizedMixin, QuantizedNetInfo, build_quantized, quantiza
 from .quantizer import ActQuantizer, UniformGrid
 from .report import LayerRecord, QuantizationReport
 from .solver import LayerSolution, LayerSolver, SolverSettings
+from .targets import TargetStore
 from .timing import PhaseTimer, peak_memory
 
 __all__ = ["quantize_network", "prepare_calibration", "quantizable_layers", "LayerCalledTwiceError"]
@@ -123,12 +124,12 @@ def _state_bytes(net: nn.Module) -> int:
 
 
 class _TargetRecorder:
-    """Forward hooks that store a copy of each layer's output and the call order."""
+    """Forward hooks that store each layer's output (:class:`~monai_efficientq.targets.TargetStore`) and the call
+    order."""
 
-    def __init__(self, layers: dict[str, nn.Module], target_device: torch.device) -> None:
-        self.targets: dict[str, torch.Tensor] = {}
+    def __init__(self, layers: dict[str, nn.Module], targets: TargetStore) -> None:
+        self.targets = targets
         self.order: list[str] = []
-        self.target_device = target_device
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
 
     def _hook(self, name: str) -> Callable:
@@ -138,8 +139,7 @@ class _TargetRecorder:
                     f"layer '{name}' was called twice in one forward pass (shared weights): EfficientQ solves each "
                     f"layer once for one input. Give each call its own layer, or list '{name}' in skip_layers."
                 )
-            # a copy, not a view: in-place ops later in the forward must not change the stored target
-            self.targets[name] = output.detach().to(self.target_device, copy=True)
+            self.targets.put(name, output)
             self.order.append(name)
 
         return hook
@@ -168,7 +168,7 @@ class _QuantizingRun:
     def __init__(
         self,
         cfg: EfficientQConfig,
-        targets: dict[str, torch.Tensor],
+        targets: TargetStore,
         order: list[str],
         attention: AttentionMaps | None,
         device: torch.device,
@@ -563,7 +563,18 @@ def _quantize_in_place(
     device: torch.device, timer: PhaseTimer,
 ) -> QuantizationReport:
     """The body of :func:`quantize_` on ``net`` (in eval mode on ``device``)."""
-    target_device = torch.device(cfg.target_device) if cfg.target_device else device
+    targets = TargetStore(cfg.target_device or device, device)
+    try:
+        return _quantize_with_targets(net, calib_volume, cfg, label, attention_map, log, device, timer, targets)
+    finally:
+        targets.close()  # also removes the files of target_device="disk"
+
+
+def _quantize_with_targets(
+    net: nn.Module, calib_volume: Any, cfg: EfficientQConfig, label: Any, attention_map: Any, log: logging.Logger,
+    device: torch.device, timer: PhaseTimer, targets: TargetStore,
+) -> QuantizationReport:
+    """:func:`_quantize_in_place` with the store that keeps the float targets."""
     with timer("setup"):
         x, label, attention_map, given_volumes, given_shape, holdout = _calibration_batch(
             net, calib_volume, label, attention_map, cfg, device, log
@@ -571,14 +582,14 @@ def _quantize_in_place(
         float_bytes = _state_bytes(net)
         pairs, float_out, unfolded = _fold(net, x, log)
     with timer("targets"):
-        pairs, layers, recorder = _record_targets(net, pairs, float_out, x, cfg, target_device, log, unfolded)
+        pairs, layers, recorder = _record_targets(net, pairs, float_out, x, cfg, targets, log, unfolded)
     with timer("attention"):
         body = (x != 0).any(dim=1) if x.dim() >= 3 else None
         attention = _attention(cfg, float_out, x, body, label, attention_map)
     edges = _edges(net, x, {n: layers[n] for n in recorder.order}, cfg, timer, log)
     progress = _progress_bar(len(recorder.order), cfg.progress)
     run = _QuantizingRun(
-        cfg, recorder.targets, recorder.order, attention, device, log, progress, body, edges, given_volumes, holdout,
+        cfg, targets, recorder.order, attention, device, log, progress, body, edges, given_volumes, holdout,
         timer,
     )
     log.info(
@@ -664,12 +675,12 @@ def _calibration_batch(
 
 def _record_targets(
     net: nn.Module, pairs: list, float_out: torch.Tensor, x: torch.Tensor, cfg: EfficientQConfig,
-    target_device: torch.device, log: logging.Logger, unfolded: dict[str, nn.Module],
+    targets: TargetStore, log: logging.Logger, unfolded: dict[str, nn.Module],
 ) -> tuple[list, dict[str, nn.Module], _TargetRecorder]:
     """Record every layer's float output on ``x``; if folding BatchNorm changed the float output, put the
     ``unfolded`` modules back and record again. Returns ``(pairs, layers, recorder)``."""
     layers = quantizable_layers(net, cfg.skip_layers)
-    recorder = _TargetRecorder(layers, target_device)
+    recorder = _TargetRecorder(layers, targets)
     try:
         out = _first_tensor(net(x))
     finally:
@@ -679,7 +690,9 @@ def _record_targets(
         log.warning("Folding BatchNorm changed the float output; quantizing without folding instead.")
         for name, module in unfolded.items():
             set_submodule(net, name, module)
-        return _record_targets(net, [], float_out, x, cfg, target_device, log, {})
+        for name in recorder.order:  # recorded on the folded network: record again
+            targets.pop(name)
+        return _record_targets(net, [], float_out, x, cfg, targets, log, {})
     if not recorder.order:
         raise ValueError(f"no quantizable layer of {type(net).__name__} was called in its forward pass.")
     return pairs, layers, recorder

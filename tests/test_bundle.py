@@ -220,11 +220,13 @@ def test_cli_from_another_directory_reports_error(tmp_path, random_ckpt):
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "quantize", "--config_file", str(QUANTIZE),
+        "--workflow_name", "monai_efficientq.workflow.EfficientQWorkflow",
         "--bundle_root", BUNDLE, "--ckpt_path", random_ckpt, "--output_dir", str(out), "--weight_bits", "9",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "weight_bits=9 is not supported" in proc.stderr + proc.stdout
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("monai-efficientq: error:")]
+    assert len(errors) == 1 and "weight_bits=9 is not supported" in errors[0]
     assert "refusing to apply logging config" not in proc.stderr
     assert not out.exists()
 
@@ -332,7 +334,8 @@ def test_overlay_keeps_handler_after_checkpoint_loader():
                        "monai_efficientq.handlers.EfficientQHandler"]
     brain = ConfigParser()  # the brain-tissue bundle's evaluation takes the same overlay
     brain.read_config([*EVALUATE, os.path.join(EXAMPLES, "add_efficientq_overlay.json")])
-    assert [h["_target_"] for h in brain["validate#handlers"]] == targets
+    assert [h["_target_"] for h in brain["validate#handlers"]] == [*targets[:3], "ignite.handlers.ProgressBar",
+                                                                   targets[3]]
     assert all(key in brain for key in ("network", "output_dir", "validate#dataset"))
 
 

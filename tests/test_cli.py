@@ -103,7 +103,7 @@ def test_a_failed_run_leaves_no_folder_and_debug_shows_the_traceback(files, caps
         main(argv + ["--debug"])
     assert "no network given: pass --network" in _main_error(["quantize", "--checkpoint", str(ckpt), "--calib",
                                                               str(img)], capsys)
-    assert "--threads=0" in _main_error(argv[:-2] + ["--output", str(tmp / "q.pt"), "--threads", "0"], capsys)
+    assert "--num_threads=0" in _main_error(argv[:-2] + ["--output", str(tmp / "q.pt"), "--num_threads", "0"], capsys)
 
 
 def test_garbage_checkpoint_and_calibration_messages(files):
@@ -130,3 +130,20 @@ def test_report_into_a_closed_pipe_is_quiet(files):
     proc.stdout.close()  # the reader is gone before the report is printed, as with `| head` on a long report
     stderr = proc.stderr.read().decode()
     assert proc.wait() == 0 and stderr == ""
+
+
+def test_ctrl_c_exits_130_and_writes_nothing(files, capsys, monkeypatch):
+    import monai_efficientq.cli as cli_mod
+
+    net, ckpt, img, tmp = files
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod, "quantize_", interrupted)
+    with pytest.raises(SystemExit) as info:
+        cli_mod.main(["quantize", "--checkpoint", str(ckpt), "--calib", str(img), "--network", NET,
+                      "--network_kwargs", KWARGS, "--output", str(tmp / "ctrl_c" / "q.pt"), "--roi_size", "16"])
+    assert info.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (tmp / "ctrl_c").exists()

@@ -7,6 +7,7 @@ from torch import nn
 from monai_efficientq import EfficientQConfig, LayerCalledTwiceError, quantize_network
 from monai_efficientq.modules import QuantizedMixin
 from monai_efficientq.network import _TargetRecorder
+from monai_efficientq.targets import TargetStore
 
 from nets import tiny_basic_unet, tiny_segresnet, tiny_unet_bn, volume
 
@@ -87,13 +88,15 @@ def test_signed_activations_where_inputs_are_negative_and_original_clips():
     assert original.config["weight_scale"] == "tensor" and default.config["weight_scale"] == "channel"
 
 
-def test_targets_are_copies_not_views():
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+def test_targets_are_copies_not_views(where):
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv3d(4, 2, 1))
-    rec = _TargetRecorder({"0": net[0]}, torch.device("cpu"))
+    rec = _TargetRecorder({"0": net[0]}, TargetStore(where, torch.device("cpu")))
     with torch.no_grad():
         net(volume(8))
     rec.remove()
-    assert float(rec.targets["0"].min()) < 0  # a view would have been clamped by the in-place ReLU
+    assert float(rec.targets.pop("0").min()) < 0  # a view would have been clamped by the in-place ReLU
+    rec.targets.close()
 
 
 class _Shared(nn.Module):
