@@ -179,10 +179,12 @@ class _QuantizingRun:
         given_volumes: int = 1,
         holdout: bool = False,
         timer: PhaseTimer | None = None,
+        volumes: int = 1,
     ) -> None:
         self.timer = timer if timer is not None else PhaseTimer(device)
         self.cfg = cfg
         self.given_volumes = given_volumes
+        self.volumes = volumes  # in the calibration batch: the given ones and their augmented copies
         self.holdout = holdout  # the last volume is held out of the fit
         self.body = body
         self.edges = edges if edges is not None else {order[0], order[-1]}
@@ -212,6 +214,7 @@ class _QuantizingRun:
         t0, before = time.perf_counter(), self.timer.snapshot()
         weight_bits, act_bits = self._bits(name)
         y = self.targets.pop(name)
+        self._check_volume_rows(name, y)
         h_map = self._attention_map(layer, y)
         act_quant, xq = self._quantized_input(layer, x, y, h_map, act_bits)
         sol = self._solve_weights(layer, xq, y, h_map, weight_bits)
@@ -226,6 +229,21 @@ class _QuantizingRun:
             out = qlayer(x)
         self._record(name, layer, sol, weight_bits, act_quant, act_bits, time.perf_counter() - t0, before)
         return out
+
+    def _rows_per_volume(self, y: torch.Tensor) -> int | None:
+        """How many entries of the leading dimension of a layer's output ``y`` (and input) belong to one calibration
+        volume: 1 for a batch-first tensor, the number of windows for window-partitioned tokens
+        ``(volumes·windows, tokens, C)`` (SwinUNETR's attention); ``None`` when it is no multiple of the volumes."""
+        return y.shape[0] // self.volumes if y.shape[0] % self.volumes == 0 else None
+
+    def _check_volume_rows(self, name: str, y: torch.Tensor) -> None:
+        """Warn when the calibration volumes cannot be told apart in the output ``y`` of layer ``name``."""
+        if self._rows_per_volume(y) is None and (self.holdout or self.cfg.act_fit_volumes == "given"):
+            self.log.warning(
+                "%s: the leading dimension (%d) of its output is no multiple of the %d calibration volumes, so their "
+                "entries cannot be told apart: it is fitted on all of them, none held out.", name, y.shape[0],
+                self.volumes,
+            )
 
     def _attention_map(self, layer: nn.Module, y: torch.Tensor) -> torch.Tensor | None:
         """The attention map at the resolution of the layer's output ``y`` (``None``: no attention, or a Linear)."""
@@ -249,8 +267,11 @@ class _QuantizingRun:
     ) -> ActQuantizer:
         """The layer's input quantizer, its range fitted on the given volumes only or on their copies too."""
         cfg = self.cfg
-        n = self.given_volumes if cfg.act_fit_volumes == "given" else x.shape[0]
-        x_fit, body = x[:n], self.body[:n] if self.body is not None else None
+        rows = self._rows_per_volume(y)
+        n = self.given_volumes * rows if cfg.act_fit_volumes == "given" and rows is not None else x.shape[0]
+        # a Linear's input need not be channel-first (SwinUNETR's are channel-last or tokens): no body mask for it
+        body = self.body[:n] if self.body is not None and not isinstance(layer, nn.Linear) else None
+        x_fit = x[:n]
         signed = cfg.act_mode == "auto" and bool((x_fit < 0).any())
         fit_values = _inside_body(x_fit, body) if cfg.act_fit == "output" else x_fit  # "output": body voxels only
         act_quant = ActQuantizer(act_bits, signed=signed).fit(fit_values, cfg.act_fit_samples, cfg.seed).to(x.device)
@@ -293,7 +314,8 @@ class _QuantizingRun:
     ) -> None:
         """Stream the layer's im2col columns into ``solver``; with ``holdout``, the last volume's are held out."""
         y_mat = output_matrix(layer, y)
-        held_from = y_mat.shape[-1] - y_mat.shape[-1] // y.shape[0] if self.holdout else None
+        split = self.holdout and self._rows_per_volume(y) is not None  # columns run volume by volume
+        held_from = y_mat.shape[-1] - y_mat.shape[-1] // self.volumes if split else None
         for cols, patches in input_patches(layer, xq.to(self.device), self.cfg.chunk_bytes, xq.dtype):
             for part, piece, held in _split_columns(cols, patches, held_from):
                 solver.add(piece, y_mat[..., part].to(self.device), h[part] if h is not None else None, held)
@@ -314,7 +336,8 @@ class _QuantizingRun:
         self, sol: LayerSolution, layer: nn.Module, xq: torch.Tensor, y: torch.Tensor
     ) -> LayerSolution:
         """``sol`` with its unweighted errors (and round-to-nearest's) measured on the fitted volumes."""
-        fit = slice(0, y.shape[0] - 1 if self.holdout else y.shape[0])
+        rows = self._rows_per_volume(y)
+        fit = slice(0, y.shape[0] - rows if self.holdout and rows is not None else y.shape[0])
         y_fit = y[fit].to(self.device)
         error = _relative_errors(layer, xq[fit], sol.weight, sol.bias, y_fit)[0]
         rtn_error = _relative_errors(layer, xq[fit], sol.rtn_weight, layer.bias, y_fit)[0]
@@ -451,8 +474,9 @@ def _float_layer_list(net: nn.Module, layers: dict[str, nn.Module], reached: lis
                 reason = f"subclass of {type(module).__mro__[1].__name__} with its own forward; cannot quantize, left float"
             elif isinstance(module, _FLOAT_BY_DESIGN):
                 reason = "normalization/activation; float by design"
-            else:
-                reason = "unsupported layer type; left float"
+            else:  # e.g. SwinUNETR's WindowAttention: a bias table, used by matmuls that are no modules
+                names = ", ".join(n for n, _ in module.named_parameters(recurse=False))
+                reason = f"unsupported layer type (own parameters: {names}); left float"
             out.append({"name": name, "type": type(module).__name__, "reason": reason})
     return out
 
@@ -580,7 +604,7 @@ def _quantize_with_targets(
             net, calib_volume, label, attention_map, cfg, device, log
         )
         float_bytes = _state_bytes(net)
-        pairs, float_out, unfolded = _fold(net, x, log)
+        pairs, float_out, unfolded = _fold(net, x, log, cfg.skip_layers)
     with timer("targets"):
         pairs, layers, recorder = _record_targets(net, pairs, float_out, x, cfg, targets, log, unfolded)
     with timer("attention"):
@@ -590,7 +614,7 @@ def _quantize_with_targets(
     progress = _progress_bar(len(recorder.order), cfg.progress)
     run = _QuantizingRun(
         cfg, targets, recorder.order, attention, device, log, progress, body, edges, given_volumes, holdout,
-        timer,
+        timer, volumes=x.shape[0],
     )
     log.info(
         "EfficientQ: %d layers, %s W%d A%s, preset %s, on %s", len(recorder.order), cfg.method, cfg.weight_bits,
@@ -698,9 +722,12 @@ def _record_targets(
     return pairs, layers, recorder
 
 
-def _fold(net: nn.Module, x: torch.Tensor, log: logging.Logger) -> tuple[list, torch.Tensor, dict[str, nn.Module]]:
-    """Fold Conv→BatchNorm pairs of ``net`` in place; returns the pairs, the float output on ``x`` and copies of
-    the modules as they were before folding, by name."""
+def _fold(
+    net: nn.Module, x: torch.Tensor, log: logging.Logger, skip: list[str] | None = None
+) -> tuple[list, torch.Tensor, dict[str, nn.Module]]:
+    """Fold Conv→BatchNorm pairs of ``net`` in place, but those whose conv is in ``skip`` (it stays float as it
+    is: a folded float conv would get a bias that the float network definition does not have); returns the pairs,
+    the float output on ``x`` and copies of the modules as they were before folding, by name."""
     try:
         pairs, output = find_conv_bn_pairs(net, x)
     except Exception as err:
@@ -709,6 +736,7 @@ def _fold(net: nn.Module, x: torch.Tensor, log: logging.Logger) -> tuple[list, t
             f"volume has the size the network accepts (e.g. divisible by its down-sampling factor) and channels."
         ) from err
     float_out = _first_tensor(output).clone()
+    pairs = [pair for pair in pairs if pair[0] not in set(skip or [])]
     originals = {name: copy.deepcopy(net.get_submodule(name)) for pair in pairs for name in pair}
     if pairs:
         fold_batchnorm(net, pairs)
