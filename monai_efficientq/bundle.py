@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import is_other_rank
 from .io import check_output_path
 from .modules import quantization_info
 from .report import QuantizationReport
@@ -105,6 +106,7 @@ def check_inputs(
 # -- results -------------------------------------------------------------------------------------------------
 
 
+
 def dice_by_class(engine: Any, metric_name: str, class_names: Sequence[str]) -> dict[str, float]:
     """``{class: Dice, ..., "mean": mean over the classes}`` from an evaluator that has run with a per-class
     Dice metric, ``MeanDice(include_background=False, reduction="mean_batch")`` named ``metric_name``
@@ -143,6 +145,8 @@ def save_with_dice(
     if report is None:
         raise RuntimeError("no quantization report: the quantized evaluation did not quantize the network.")
     report.dice = {model: dict(values) for model, values in dice.items()}
+    if is_other_rank():  # a distributed run: rank 0 writes
+        return report
     save_quantized(network, quantized_path, report)
     report.packed_bytes = report.packed_bytes or os.path.getsize(quantized_path)
     report.to_json(report_path)
@@ -206,6 +210,8 @@ def write_quantized_metadata(
     """
     from .report import atomic_write_text
 
+    if is_other_rank():  # a distributed run: rank 0 writes
+        return {}
     meta: dict[str, Any] = {}
     if os.path.isfile(meta_file):
         with open(meta_file, encoding="utf-8") as f:

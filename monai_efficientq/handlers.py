@@ -21,8 +21,9 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
-from .checkpoint import FORMAT, load_quantized_, save_dequantized, save_quantized
+from .checkpoint import FORMAT, load_quantized_, read_packed, save_dequantized, save_quantized
 from .config import EfficientQConfig
+from .distributed import is_distributed, is_other_rank
 from .io import check_output_path, load_float_weights
 from .modules import quantization_info
 from .network import quantize_
@@ -273,6 +274,9 @@ class EfficientQHandler:
     first iteration, so the evaluation measures the quantized network. On a trainer it quantizes the trained
     network at ``COMPLETED``.
 
+    In a distributed run (``torchrun``, ``torch.distributed`` initialised) only rank 0 quantizes; it writes
+    ``save_path`` (then required) and the other ranks wait for it and load the packed checkpoint in place.
+
     Usage example (bundle config)::
 
         "val_handlers": [
@@ -349,8 +353,13 @@ class EfficientQHandler:
             engine: Ignite Engine, it can be a trainer, validator or evaluator.
         """
         self.logger = engine.logger
+        if is_distributed() and self.outputs["save_path"] is None:
+            raise ValueError(
+                "in a distributed run only rank 0 quantizes and the other ranks load its packed checkpoint: give "
+                "save_path."
+            )
         for what, path in self.outputs.items():
-            if path is not None:
+            if path is not None and not is_other_rank():
                 check_output_path(path, what)
         engine.add_event_handler(self._event_for(engine), self)
 
@@ -362,6 +371,9 @@ class EfficientQHandler:
         if self.report is not None:
             return
         net = _engine_network(engine, self.network, type(self).__name__)
+        if is_other_rank():
+            self._load_from_rank_zero(net, engine)
+            return
         config = self._solve_config(engine)
         image, label, attention = self.calibration_batch(net)
         self.logger.info(
@@ -376,6 +388,19 @@ class EfficientQHandler:
         self._save(net, float_net, report)
         self.report = report
         engine.state.efficientq_report = report
+        if is_distributed():
+            torch.distributed.barrier()  # the packed checkpoint is written: the other ranks may load it
+
+    def _load_from_rank_zero(self, net: nn.Module, engine: Engine) -> None:
+        """In a distributed run (``torchrun``) only rank 0 quantizes; the others wait for its packed checkpoint
+        and load it into their network in place."""
+        save_path = self.outputs["save_path"]
+        torch.distributed.barrier()
+        self.logger.info("EfficientQ: rank %d loads the network quantized by rank 0 from %s",
+                         torch.distributed.get_rank(), os.fspath(save_path))
+        load_quantized_(net, save_path, map_location=_module_device(net))
+        self.report = QuantizationReport.from_dict(read_packed(save_path)["report"])
+        engine.state.efficientq_report = self.report
 
     def calibration_batch(self, net: nn.Module) -> tuple[Any, Any, Any]:
         """``(image, label, attention map)`` to calibrate ``net`` on: the first ``calib_volumes`` items of
