@@ -117,10 +117,11 @@ class _GramTerms:
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
         xh = x if h is None else x * h
-        a = (xh @ x.transpose(1, 2)).to(self.dtype)
-        b = ((y if h is None else y * h) @ x.transpose(1, 2)).to(self.dtype)
-        self.A = a if self.A is None else self.A + a
-        self.B = b if self.B is None else self.B + b
+        a = xh @ x.transpose(1, 2)
+        b = (y if h is None else y * h) @ x.transpose(1, 2)
+        # summed in place: a K×K float64 Gram matrix of a wide layer is hundreds of MB, so no second copy
+        self.A = a.to(self.dtype) if self.A is None else self.A.add_(a)
+        self.B = b.to(self.dtype) if self.B is None else self.B.add_(b)
         self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
         self._a_fast = None
 
@@ -284,7 +285,9 @@ class _GramStatistics(_Statistics):
     def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         m = 2 * self.weighted.A
         m.diagonal(dim1=-2, dim2=-1).add_(lam)
-        m_inv = torch.cholesky_inverse(_cholesky(m))
+        factor = _cholesky(m)
+        del m  # at most two K×K matrices alive besides the Gram matrix: the factor, then the inverse
+        m_inv = torch.cholesky_inverse(factor)
         return lambda r: r @ m_inv
 
     def held_out_terms(self) -> _GramTerms:
@@ -716,6 +719,7 @@ class _VStepCache:
 
     def __call__(self, rho: float) -> Callable[[torch.Tensor], torch.Tensor]:
         if rho != self.rho:
+            self.inverse = None  # the previous ρ's inverse is freed before the next one is computed
             self.inverse, self.rho = self.statistics.v_step(self.diagonal(rho)), rho
         return self.inverse
 
