@@ -191,7 +191,8 @@ def quantize_bundle(
         "device": device, "progress": not quiet,
     }
     _set_threads(num_threads)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     with _log_beside_progress_bar(not quiet):
         result = run_quantize_bundle(
             bundle_dir, out_dir, settings, calib=calib, calib_label=calib_label, dataset_dir=dataset_dir,
@@ -219,7 +220,8 @@ def _json_object(value: Any, what: str) -> dict[str, Any] | None:
     except (TypeError, json.JSONDecodeError):
         parsed = None
     if not isinstance(parsed, dict):
-        raise ValueError(f"{what} must be a JSON object, e.g. '{{\"validate#dataloader#num_workers\": 0}}'; got {value!r}.")
+        example = '{"validate#dataloader#num_workers": 0}'
+        raise ValueError(f"{what} must be a JSON object, e.g. '{example}'; got {value!r}.")
     return parsed
 
 

@@ -29,7 +29,7 @@ from zoo_bundles import SPLEEN_UNET, brats_like, spleen_like  # noqa: E402
 from monai_efficientq import load_quantized  # noqa: E402
 from monai_efficientq import zoo  # noqa: E402
 from monai_efficientq.cli import main  # noqa: E402
-from monai_efficientq.zoo_metadata import next_version  # noqa: E402
+from monai_efficientq.zoo.card import next_version  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = os.path.join(REPO, "bundles", "brain_tissue_mri_segmentation", "schema", "meta_schema_20240725.json")
@@ -199,7 +199,8 @@ def test_spleen_inference_writes_segmentations(spleen, tmp_path):
     _, data, result = spleen
     out = tmp_path / "seg"
     inference = os.path.join(result.path, "configs", "inference.json")
-    bundle_run(config_file=inference, logging_file=False, bundle_root=result.path, dataset_dir=data, output_dir=str(out))
+    bundle_run(config_file=inference, logging_file=False, bundle_root=result.path, dataset_dir=data,
+               output_dir=str(out))
     source = os.path.join(data, "imagesTs", "spleen_02.nii.gz")
     seg = nib.load(str(out / "spleen_02" / "spleen_02_trans.nii.gz"))
     assert seg.shape[:3] == nib.load(source).shape
@@ -241,7 +242,7 @@ def test_brats_bundle_through_the_packaged_config(brats):
         q = json.load(f)["quantization"]
     assert q["evaluation_volumes"] == 2 and q["calibration"]["divisible_by"] == 8  # SegResNet, 4 levels
     assert set(q["metrics"]) == {"val_mean_dice", "val_mean_dice_tc", "val_mean_dice_wt", "val_mean_dice_et"}
-    for model in ("float", "quantized"):  # channel order -> names: the per-class Dice is the bundle's own per-region one
+    for model in ("float", "quantized"):  # channel order -> names: the per-class Dice is the bundle's per-region Dice
         assert list(q["dice"][model]) == ["Tumor core", "Whole tumor", "Enhancing tumor", "mean"]
         for name, region in (("Tumor core", "tc"), ("Whole tumor", "wt"), ("Enhancing tumor", "et")):
             assert q["dice"][model][name] == pytest.approx(q["metrics"][f"val_mean_dice_{region}"][model], abs=1e-4)
@@ -271,14 +272,17 @@ def test_yaml_bundle_through_the_cli(tmp_path, capsys):
     with open(out / "configs" / "metadata.json") as f:
         q = json.load(f)["quantization"]
     assert (q["weight_bits"], q["act_bits"]) == (3, None)
-    assert q["calibration"] == {"image": ["spleen_02.nii.gz"], "preprocessing": "preprocessing", "roi_size": [16, 16, 16],
-                                "divisible_by": 4, "in_evaluation": False}  # an image alone: the inference preprocessing
+    assert q["calibration"] == {  # an image alone: the inference preprocessing
+        "image": ["spleen_02.nii.gz"], "preprocessing": "preprocessing", "roi_size": [16, 16, 16], "divisible_by": 4,
+        "in_evaluation": False,
+    }
 
 
 def test_setup_installs_pyyaml_and_ships_the_config():
     setup = configparser.ConfigParser()
     setup.read(os.path.join(REPO, "setup.cfg"))
-    requires = [line.split(">")[0].split("=")[0].strip().lower() for line in setup["options"]["install_requires"].split()]
+    lines = setup["options"]["install_requires"].split()
+    requires = [line.split(">")[0].split("=")[0].strip().lower() for line in lines]
     assert "pyyaml" in requires
     assert "configs/*.json" in setup["options.package_data"]["monai_efficientq"]
     assert os.path.isfile(zoo.QUANTIZE_BUNDLE_CONFIG)
@@ -294,7 +298,7 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the refusal")
 
-    monkeypatch.setattr(zoo, "_Evaluation", forbidden)
+    monkeypatch.setattr("monai_efficientq.zoo.quantize.BundleEvaluation", forbidden)
     monkeypatch.setattr("monai_efficientq.network.quantize_", forbidden)
 
 
@@ -367,7 +371,7 @@ def test_failed_write_leaves_nothing(spleen_source, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("monai_efficientq.zoo_metadata.quantized_readme", broken)
+    monkeypatch.setattr("monai_efficientq.zoo.card.quantized_readme", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         zoo.quantize_bundle(bundle, str(tmp_path / "out"), {**FAST, "iterations": 1}, dataset_dir=data, evaluate=False)
     assert os.listdir(tmp_path) == []
@@ -403,7 +407,8 @@ def test_downsampling_factor():
     assert zoo.downsampling_factor(spleen_unet()) == 4
     assert zoo.downsampling_factor(UNet(3, 1, 2, channels=(2, 2, 2, 2, 2), strides=(2, 2, 2, 2))) == 16
     assert zoo.downsampling_factor(SegResNet(init_filters=8, blocks_down=(1, 2, 2, 4))) == 8
-    dyn = DynUNet(3, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, [2, 2, 1]], upsample_kernel_size=[2, 2, [2, 2, 1]])
+    dyn = DynUNet(3, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, [2, 2, 1]],
+                  upsample_kernel_size=[2, 2, [2, 2, 1]])
     assert zoo.downsampling_factor(dyn) == [8, 8, 4]
     assert zoo.downsampling_factor(BasicUNet(3, 1, 2, features=(2, 2, 2, 2, 2, 2))) == 16
     assert zoo.downsampling_factor(torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3))) is None

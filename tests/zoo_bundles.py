@@ -224,7 +224,8 @@ def _spleen_evaluate() -> dict[str, Any]:
              "resample": False, "squeeze_end_dims": True},
         ]},
         "validate#handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"}},
+            {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'",
+             "load_dict": {"model": "@network"}},
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": ["val_mean_dice", "val_acc"],
              "metric_details": ["val_mean_dice"], "batch_transform": "$lambda x: [xx['image'].meta for xx in x]",
@@ -469,7 +470,8 @@ def _brats_evaluate() -> dict[str, Any]:
              "squeeze_end_dims": True},
         ]},
         "validate#handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"}},
+            {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'",
+             "load_dict": {"model": "@network"}},
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "MetricsSaver", "save_dir": "@output_dir",
              "metrics": ["val_mean_dice", "val_mean_dice_tc", "val_mean_dice_wt", "val_mean_dice_et"],
@@ -572,7 +574,8 @@ def brats_like(root: str, validation: int = 3, testing: int = 1, shape: tuple[in
             files.append(f"{case}/Brats18_{i:03d}_{modality}.nii.gz")
             nib.save(nib.Nifti1Image(image, affine), os.path.join(data, files[-1]))
         nib.save(nib.Nifti1Image(label, affine), os.path.join(data, case, f"Brats18_{i:03d}_seg.nii.gz"))
-        item = {"image": files} if section == "testing" else {"image": files, "label": f"{case}/Brats18_{i:03d}_seg.nii.gz"}
+        label_file = f"{case}/Brats18_{i:03d}_seg.nii.gz"
+        item = {"image": files} if section == "testing" else {"image": files, "label": label_file}
         lists[section].append(item)
     window = list(roi)
     write_config(os.path.join(bundle, "configs", "datalist.json"), lists)

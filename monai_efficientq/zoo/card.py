@@ -1,4 +1,5 @@
-"""The metadata and README of a quantized Model-Zoo bundle (:func:`~monai_efficientq.zoo.quantize_bundle`).
+"""The metadata and README (the model card) of a quantized Model-Zoo bundle
+(:func:`~monai_efficientq.zoo.quantize_bundle`).
 
 Pure functions of what the run measured (:class:`QuantizationSummary`): :func:`quantized_metadata` gives the new
 ``configs/metadata.json`` (next version, changelog entry, packages, ``eval_metrics`` and the ``quantization``
@@ -14,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .report import QuantizationReport
+from ..report import QuantizationReport
 
 __all__ = ["SCHEMA_URL", "QuantizationSummary", "bits_label", "next_version", "quantized_metadata", "quantized_readme"]
 
@@ -68,7 +69,7 @@ def _rounded(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _section(summary: QuantizationSummary, source: Mapping[str, Any], checkpoint: str, report_file: str) -> dict:
-    from .bundle import quantization_section
+    from ..bundle import quantization_section
 
     report = summary.report
     section = quantization_section(report)
@@ -128,7 +129,8 @@ def quantized_metadata(
     meta["monai_version"] = versions["monai"]
     meta["pytorch_version"] = versions["torch"]
     meta["numpy_version"] = versions["numpy"]
-    packages = {**dict(meta.pop("optional_packages_version", None) or {}), **dict(meta.get("required_packages_version") or {})}
+    packages = dict(meta.pop("optional_packages_version", None) or {})
+    packages.update(meta.get("required_packages_version") or {})
     packages["monai-efficientq"] = versions["monai-efficientq"]
     meta["required_packages_version"] = packages
     if meta.get("name"):
@@ -186,8 +188,8 @@ def quantized_readme(metadata: Mapping[str, Any], summary: QuantizationSummary, 
         f"# {metadata.get('name', 'Quantized bundle')}",
         "",
         f"{source.get('name') or 'The source bundle'} {source.get('version') or ''} with its network quantized after "
-        f"training by EfficientQ (Zhang & Chung, Medical Image Analysis 97, 2024; monai-efficientq): {label}, the first "
-        f"and last layers {config.get('first_last_bits')}-bit with float input, preset `{config.get('preset')}`, "
+        f"training by EfficientQ (Zhang & Chung, Medical Image Analysis 97, 2024; monai-efficientq): {label}, the "
+        f"first and last layers {config.get('first_last_bits')}-bit with float input, preset `{config.get('preset')}`, "
         f"method `{config.get('method')}`, {config.get('iterations')} ADMM iterations at most per layer, attention "
         f"`{config.get('attention')}`. The network definition, preprocessing, inferer and post-processing are the "
         f"source bundle's; only the weights are replaced.",
@@ -204,7 +206,8 @@ def quantized_readme(metadata: Mapping[str, Any], summary: QuantizationSummary, 
         lines.append("")
         if report.dice:
             classes = list(report.dice.get("float", {}))
-            lines += _results_table("Dice", {c: {m: report.dice[m].get(c) for m in ("float", "quantized")} for c in classes})
+            rows = {c: {m: report.dice[m].get(c) for m in ("float", "quantized")} for c in classes}
+            lines += _results_table("Dice", rows)
             lines.append("")
         if summary.metrics:
             lines += _results_table("bundle metric", summary.metrics)
@@ -215,12 +218,13 @@ def quantized_readme(metadata: Mapping[str, Any], summary: QuantizationSummary, 
     lines += [
         f"- Size: {_size(summary.float_file_bytes)} float `models/model.pt` → {_size(summary.packed_file_bytes)} "
         f"`models/model_quantized.pt` ({summary.float_file_bytes / max(summary.packed_file_bytes, 1):.1f}× smaller).",
-        f"- Calibration: {', '.join(calibration.get('image') or [])} through the bundle's `{calibration.get('preprocessing')}`,"
+        f"- Calibration: {', '.join(calibration.get('image') or [])} through the bundle's "
+        f"`{calibration.get('preprocessing')}`,"
         f" cropped to {'×'.join(str(s) for s in report.calibration_shape[2:])} (roi {calibration.get('roi_size')}, "
         f"divisible by {calibration.get('divisible_by')})"
         + ("; this volume is also one of the evaluation volumes." if calibration.get("in_evaluation") else "."),
-        f"- Quantization time: {report.total_seconds:.1f} s on {report.device or 'cpu'}. Per-layer errors and where the "
-        f"time went: `docs/quantization_report.md`.",
+        f"- Quantization time: {report.total_seconds:.1f} s on {report.device or 'cpu'}. Per-layer errors and where "
+        f"the time went: `docs/quantization_report.md`.",
         "",
         "## Use",
         "",
