@@ -240,8 +240,9 @@ def _plan(
     parsers = [p for p in (evaluation_parser, inference_parser) if p is not None]
     _apply_overrides(parsers, overrides)
     cfg = _efficientq_config(config, prediction_kind(parsers))
-    items = evaluation_items(evaluation_parser, max_eval_volumes) if evaluation_parser is not None else []
     evaluate = bool(evaluate) and "evaluate" in layout.configs
+    needs_items = evaluation_parser is not None and (evaluate or calib is None)  # to evaluate, or for its first item
+    items = evaluation_items(evaluation_parser, max_eval_volumes) if needs_items else []
     if evaluate and not items:
         raise ValueError(
             "the bundle's evaluation dataset is empty: pass --dataset_dir where its data are, or --evaluate False."
