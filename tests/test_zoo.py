@@ -328,6 +328,7 @@ def _add_package(bundle):
         ("no_calibration", "no calibration volume: pass --calib"),
         ("missing_calib", "data file not found: /nonexistent/ct.nii.gz"),
         ("holdout_alone", "holdout needs a second calibration volume"),
+        ("label_attention", "attention='label' needs a calibration label"),
     ],
 )
 def test_refuses_before_any_work(spleen_source, tmp_path, no_work, case, message):
@@ -349,6 +350,8 @@ def test_refuses_before_any_work(spleen_source, tmp_path, no_work, case, message
         kwargs["calib"] = "/nonexistent/ct.nii.gz"
     elif case == "holdout_alone":
         kwargs["config"] = {**FAST, "holdout": True}
+    elif case == "label_attention":
+        kwargs.update(config={**FAST, "attention": "label"}, calib=os.path.join(data, "imagesTs", "spleen_02.nii.gz"))
     with pytest.raises(Exception, match=message):
         zoo.quantize_bundle(bundle, str(out), **kwargs)
     assert (out / "keep.txt").exists() if case == "out_exists" else not out.exists()

@@ -139,6 +139,94 @@ def _command_line(
     return " ".join(parts)
 
 
+@dataclasses.dataclass
+class _Plan:
+    """What a run will do, checked before it starts."""
+
+    evaluation_parser: Any
+    inference_parser: Any
+    config: EfficientQConfig
+    eval_items: list[dict[str, Any]]
+    calib_item: dict[str, Any]
+    calib_given: bool
+
+    @property
+    def parsers(self) -> list[Any]:
+        return [p for p in (self.evaluation_parser, self.inference_parser) if p is not None]
+
+
+def _plan(
+    layout: BundleLayout, workdir: str, config: Any, calib: Any, calib_label: Any, dataset_dir: Any,
+    max_eval_volumes: int | None, evaluate: bool, overrides: Mapping[str, Any] | None,
+) -> _Plan:
+    """Read the bundle's configs with this run's values, and check the settings and every data file."""
+    device = config.device if isinstance(config, EfficientQConfig) else (config or {}).get("device")
+    values = _run_values(layout, dataset_dir, device, workdir)
+    files = layout.evaluation_files
+    evaluation_parser = bundle_parser(files, layout.metadata, values) if files else None
+    inference = layout.configs.get("inference")
+    inference_parser = bundle_parser([inference], layout.metadata, values) if inference else None
+    parsers = [p for p in (evaluation_parser, inference_parser) if p is not None]
+    _apply_overrides(parsers, overrides)
+    cfg = _efficientq_config(config, prediction_kind(parsers))
+    evaluate = bool(evaluate) and "evaluate" in layout.configs
+    needs_items = evaluation_parser is not None and (evaluate or calib is None)  # to evaluate, or for its first item
+    items = evaluation_items(evaluation_parser, max_eval_volumes) if needs_items else []
+    if evaluate and not items:
+        raise ValueError(
+            "the bundle's evaluation dataset is empty: pass --dataset_dir where its data are, or --evaluate False."
+        )
+    calib_item = calibration_item(calib, calib_label, items)
+    if cfg.attention == "label" and "label" not in calib_item:
+        raise ValueError("attention='label' needs a calibration label: pass --calib_label with --calib.")
+    eval_items = items if evaluate else []
+    missing = missing_files([calib_item, *eval_items])
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"data file not found: {missing[0]}{more}; pass --dataset_dir where the data are.")
+    return _Plan(evaluation_parser, inference_parser, cfg, eval_items, calib_item, calib is not None)
+
+
+def _quantize_and_measure(
+    layout: BundleLayout, metadata: Mapping[str, Any], plan: _Plan, roi_size: Any, divisible_by: Any
+) -> RunOutcome:
+    """Load the float weights, evaluate, quantize in place on the calibration volume, evaluate again."""
+    from ..network import quantize_
+
+    evaluation = BundleEvaluation(plan.evaluation_parser, plan.eval_items, metadata) if plan.eval_items else None
+    if evaluation is not None:
+        net = evaluation.network
+    else:
+        net = parsed_content(plan.inference_parser or plan.evaluation_parser, "network", "network")
+    load_float_weights(net, layout.checkpoint)
+    calibration = prepare_calibration(
+        plan.calib_item, plan.evaluation_parser, plan.inference_parser, net, roi_size, divisible_by,
+        inferer_roi(plan.parsers),
+    )
+    float_metrics, float_dice = evaluation.run("float") if evaluation is not None else ({}, {})
+    device = next(net.parameters()).device
+    cfg = plan.config if plan.config.device is not None else dataclasses.replace(plan.config, device=str(device))
+    report = quantize_(net, calibration.image, cfg, label=calibration.label if cfg.attention == "label" else None)
+    net.to(device)
+    quantized_metrics, quantized_dice = evaluation.run("quantized") if evaluation is not None else ({}, {})
+    return RunOutcome(
+        network=net,
+        report=report,
+        dice={"float": float_dice, "quantized": quantized_dice} if float_dice else {},
+        metrics={m: {"float": v, "quantized": quantized_metrics[m]} for m, v in float_metrics.items()
+                 if m in quantized_metrics},
+        calibration={
+            "image": _file_names(plan.calib_item.get("image")),
+            "preprocessing": calibration.preprocessing,
+            "roi_size": calibration.roi_size,
+            "divisible_by": calibration.divisible_by,
+            "in_evaluation": not plan.calib_given and evaluation is not None,
+        },
+        evaluation_volumes=evaluation.volumes if evaluation is not None else 0,
+        calibration_image=calibration.image,
+    )
+
+
 def quantize_bundle(
     bundle_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -200,98 +288,10 @@ def quantize_bundle(
     with tempfile.TemporaryDirectory(prefix="efficientq-eval-") as workdir:
         plan = _plan(layout, workdir, config, calib, calib_label, dataset_dir, max_eval_volumes, evaluate, overrides)
         outcome = _quantize_and_measure(layout, metadata, plan, roi_size, divisible_by)
-    outcome.command = _command_line(layout, target, outcome.report.config, calib, dataset_dir, roi_size,
-                                    max_eval_volumes)
-    new_metadata = write_bundle(layout, target, metadata, rewritten, outcome)
+    command = _command_line(layout, target, outcome.report.config, calib, dataset_dir, roi_size, max_eval_volumes)
+    new_metadata = write_bundle(layout, target, metadata, rewritten, outcome, command)
     files = sorted(
         os.path.relpath(os.path.join(folder, name), target) for folder, _, names in os.walk(target) for name in names
     )
     logger.info("EfficientQ: wrote the quantized bundle %s (%d files)", target, len(files))
     return QuantizedBundle(target, files, outcome.report, outcome.metrics, new_metadata)
-
-
-@dataclasses.dataclass
-class _Plan:
-    """What a run will do, checked before it starts."""
-
-    evaluation_parser: Any
-    inference_parser: Any
-    config: EfficientQConfig
-    eval_items: list[dict[str, Any]]
-    calib_item: dict[str, Any]
-    calib_given: bool
-
-    @property
-    def parsers(self) -> list[Any]:
-        return [p for p in (self.evaluation_parser, self.inference_parser) if p is not None]
-
-
-def _plan(
-    layout: BundleLayout, workdir: str, config: Any, calib: Any, calib_label: Any, dataset_dir: Any,
-    max_eval_volumes: int | None, evaluate: bool, overrides: Mapping[str, Any] | None,
-) -> _Plan:
-    """Read the bundle's configs with this run's values, and check the settings and every data file."""
-    device = config.device if isinstance(config, EfficientQConfig) else (config or {}).get("device")
-    values = _run_values(layout, dataset_dir, device, workdir)
-    files = layout.evaluation_files
-    evaluation_parser = bundle_parser(files, layout.metadata, values) if files else None
-    inference = layout.configs.get("inference")
-    inference_parser = bundle_parser([inference], layout.metadata, values) if inference else None
-    parsers = [p for p in (evaluation_parser, inference_parser) if p is not None]
-    _apply_overrides(parsers, overrides)
-    cfg = _efficientq_config(config, prediction_kind(parsers))
-    evaluate = bool(evaluate) and "evaluate" in layout.configs
-    needs_items = evaluation_parser is not None and (evaluate or calib is None)  # to evaluate, or for its first item
-    items = evaluation_items(evaluation_parser, max_eval_volumes) if needs_items else []
-    if evaluate and not items:
-        raise ValueError(
-            "the bundle's evaluation dataset is empty: pass --dataset_dir where its data are, or --evaluate False."
-        )
-    calib_item = calibration_item(calib, calib_label, items)
-    eval_items = items if evaluate else []
-    missing = missing_files([calib_item, *eval_items])
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"data file not found: {missing[0]}{more}; pass --dataset_dir where the data are.")
-    return _Plan(evaluation_parser, inference_parser, cfg, eval_items, calib_item, calib is not None)
-
-
-def _quantize_and_measure(
-    layout: BundleLayout, metadata: Mapping[str, Any], plan: _Plan, roi_size: Any, divisible_by: Any
-) -> RunOutcome:
-    """Load the float weights, evaluate, quantize in place on the calibration volume, evaluate again."""
-    from ..network import quantize_
-
-    evaluation = BundleEvaluation(plan.evaluation_parser, plan.eval_items, metadata) if plan.eval_items else None
-    if evaluation is not None:
-        net = evaluation.network
-    else:
-        net = parsed_content(plan.inference_parser or plan.evaluation_parser, "network", "network")
-    load_float_weights(net, layout.checkpoint)
-    calibration = prepare_calibration(
-        plan.calib_item, plan.evaluation_parser, plan.inference_parser, net, roi_size, divisible_by,
-        inferer_roi(plan.parsers),
-    )
-    float_metrics, float_dice = evaluation.run("float") if evaluation is not None else ({}, {})
-    device = next(net.parameters()).device
-    cfg = plan.config if plan.config.device is not None else dataclasses.replace(plan.config, device=str(device))
-    report = quantize_(net, calibration.image, cfg, label=calibration.label if cfg.attention == "label" else None)
-    net.to(device)
-    quantized_metrics, quantized_dice = evaluation.run("quantized") if evaluation is not None else ({}, {})
-    return RunOutcome(
-        network=net,
-        report=report,
-        dice={"float": float_dice, "quantized": quantized_dice} if float_dice else {},
-        metrics={m: {"float": v, "quantized": quantized_metrics[m]} for m, v in float_metrics.items()
-                 if m in quantized_metrics},
-        calibration={
-            "image": _file_names(plan.calib_item.get("image")),
-            "preprocessing": calibration.preprocessing,
-            "roi_size": calibration.roi_size,
-            "divisible_by": calibration.divisible_by,
-            "in_evaluation": not plan.calib_given and evaluation is not None,
-        },
-        evaluation_volumes=evaluation.volumes if evaluation is not None else 0,
-        calibration_image=calibration.image,
-        command="",
-    )

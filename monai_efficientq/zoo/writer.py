@@ -38,7 +38,6 @@ class RunOutcome:
         calibration: the metadata's calibration record (file names, preprocessing, crop).
         evaluation_volumes: how many volumes were evaluated (0: none).
         calibration_image: the calibration volume ``(C, *S)`` (the load-back check runs on it).
-        command: the command line that reproduces the run.
     """
 
     network: nn.Module
@@ -48,7 +47,6 @@ class RunOutcome:
     calibration: dict[str, Any]
     evaluation_volumes: int
     calibration_image: torch.Tensor
-    command: str
 
 
 def _versions() -> dict[str, str]:
@@ -178,7 +176,12 @@ def _make_staging_folder(target: str) -> str:
 
 
 def write_bundle(
-    layout: BundleLayout, target: str, metadata: Mapping[str, Any], rewritten: Mapping[str, dict], outcome: RunOutcome
+    layout: BundleLayout,
+    target: str,
+    metadata: Mapping[str, Any],
+    rewritten: Mapping[str, dict],
+    outcome: RunOutcome,
+    command: str,
 ) -> dict[str, Any]:
     """Write the quantized bundle to ``target`` (new, or an empty folder), whole or not at all.
 
@@ -188,6 +191,7 @@ def write_bundle(
         metadata: the input bundle's metadata.
         rewritten: ``{"inference" | "evaluate": config}`` from :func:`~monai_efficientq.zoo.configs.quantized_config`.
         outcome: what the run produced.
+        command: the command line that reproduces the run (for the README).
 
     Returns:
         the new metadata.
@@ -201,7 +205,7 @@ def write_bundle(
         names = _write_configs(layout, staging, rewritten, list(outcome.calibration_image[None].shape))
         summary = card.QuantizationSummary(
             outcome.report, outcome.calibration, outcome.metrics, outcome.evaluation_volumes,
-            os.path.getsize(layout.checkpoint), os.path.getsize(packed), outcome.command, names,
+            os.path.getsize(layout.checkpoint), os.path.getsize(packed), command, names,
         )
         new_metadata = card.quantized_metadata(metadata, summary, _versions(), report_file=REPORT_FILE)
         atomic_write_text(os.path.join(staging, "configs", "metadata.json"), json.dumps(new_metadata, indent=4) + "\n")
