@@ -3,7 +3,7 @@
 :class:`BundleEvaluation` builds the evaluator from the bundle's configs with two changes: its
 ``CheckpointLoader``/``CheckpointSaver`` handlers are left out (the float weights are loaded once by the caller; a
 second load would undo the quantization and a saver would write into the input bundle), and when its key metric is
-a ``MeanDice``, a copy of it with ``reduction="mean_batch"`` gives the Dice per class.
+a ``MeanDice``, a copy of it with ``reduction="mean_batch"`` among its additional metrics gives the Dice per class.
 """
 
 from __future__ import annotations
@@ -99,6 +99,19 @@ def class_names(metadata: Mapping[str, Any], count: int, include_background: boo
     return names
 
 
+def _add_metric(parser: Any, name: str, metric: dict[str, Any]) -> None:
+    """Add ``metric`` to the evaluator's ``additional_metrics`` in the config, so that it is attached with the
+    bundle's metrics, before the handlers that log or save them."""
+    config_id = f"{EVALUATOR_ID}#additional_metrics"
+    current = parser[config_id] if has_id(parser, config_id) else None
+    if isinstance(current, str) and current[:1] == "@" and has_id(parser, current[1:]):
+        config_id, current = current[1:], parser[current[1:]]
+    if isinstance(current, Mapping):
+        parser[f"{config_id}#{name}"] = metric
+    else:
+        parser[config_id] = {name: metric}
+
+
 class BundleEvaluation:
     """The bundle's ``validate#evaluator`` on ``items``, run once per network state.
 
@@ -113,12 +126,9 @@ class BundleEvaluation:
         _without_checkpoint_handlers(parser)
         dice = _per_class_dice_config(parser)
         if dice is not None:
-            parser[PER_CLASS_DICE] = dice
+            _add_metric(parser, PER_CLASS_DICE, dice)
         self.evaluator = parsed_content(parser, EVALUATOR_ID, "evaluator")
-        self.include_background: bool | None = None
-        if dice is not None:
-            parsed_content(parser, PER_CLASS_DICE, "per-class Dice metric").attach(self.evaluator, PER_CLASS_DICE)
-            self.include_background = bool(dice.get("include_background", True))
+        self.include_background: bool | None = None if dice is None else bool(dice.get("include_background", True))
         self.metadata = metadata
         self.volumes = len(items)
 
