@@ -34,7 +34,14 @@ from .io import check_output_path
 from .modules import quantization_info
 from .report import QuantizationReport
 
-__all__ = ["check_inputs", "dice_by_class", "save_with_dice", "write_quantized_metadata", "export_torchscript"]
+__all__ = [
+    "check_inputs",
+    "dice_by_class",
+    "save_with_dice",
+    "quantization_section",
+    "write_quantized_metadata",
+    "export_torchscript",
+]
 
 logger = logging.getLogger("monai_efficientq")
 
@@ -184,6 +191,12 @@ def _quantization_section(report: QuantizationReport) -> dict[str, Any]:
         "packed_bytes": int(report.packed_bytes),
         "compression": round(float(report.compression), 2),
     }
+
+
+def quantization_section(report: QuantizationReport) -> dict[str, Any]:
+    """The settings, calibration shape, time and sizes of a quantization run, as the ``quantization`` section of
+    a bundle's metadata records them (:func:`write_quantized_metadata`)."""
+    return _quantization_section(report)
 
 
 def write_quantized_metadata(

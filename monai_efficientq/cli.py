@@ -1,10 +1,13 @@
-"""Command line: ``monai-efficientq quantize ...`` and ``monai-efficientq report PATH`` (python-fire).
+"""Command line: ``monai-efficientq quantize ...``, ``monai-efficientq quantize-bundle BUNDLE_DIR OUT_DIR ...`` and
+``monai-efficientq report PATH`` (python-fire).
 
-Run ``monai-efficientq quantize --help`` for every flag. Example::
+Run ``monai-efficientq quantize --help`` (or ``quantize-bundle --help``) for every flag. Examples::
 
     monai-efficientq quantize --network monai.networks.nets.SegResNet \\
         --network_kwargs '{"in_channels": 1, "out_channels": 4, "init_filters": 8}' \\
         --checkpoint model.pt --calib t1.nii.gz --roi_size 96 --weight_bits 2 --act_bits 2
+    monai-efficientq quantize-bundle spleen_ct_segmentation spleen_ct_segmentation_w2a2 --weight_bits 2 --act_bits 2 \\
+        --dataset_dir /data/Task09_Spleen
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from .config import EfficientQConfig
 from .io import build_network, check_output_path, load_calibration, load_float_weights
 from .network import quantize_
 
-__all__ = ["quantize", "report", "main"]
+__all__ = ["quantize", "quantize_bundle", "report", "main"]
 
 logger = logging.getLogger("monai_efficientq")
 
@@ -134,6 +137,94 @@ def _write_outputs(
     )
 
 
+def quantize_bundle(
+    bundle_dir: str, out_dir: str, weight_bits: int = 2, act_bits: int | None = None, first_last_bits: int | None = 8,
+    method: str = "efficientq", preset: str = "default", iterations: int = 200, patience: int | None = 60,
+    attention: str = "prediction", prediction: str | None = None, calib_augment: int | None = None,
+    holdout: bool | None = None, calib: Any = None, calib_label: str | None = None, dataset_dir: str | None = None,
+    roi_size: Any = None, divisible_by: Any = None, max_eval_volumes: int | None = None, evaluate: bool = True,
+    overrides: Any = None, check_packages: bool = True, device: str | None = None, num_threads: int | None = None,
+    quiet: bool = False,
+) -> None:
+    """Quantize a MONAI Model-Zoo bundle into a new quantized bundle (packed model, configs that load it, metadata
+    with the float vs quantized Dice, README), measured with the bundle's own evaluation.
+
+    Args:
+        bundle_dir: the bundle folder (configs/train, evaluate and inference in JSON or YAML, configs/metadata.json,
+            models/model.pt).
+        out_dir: the new bundle folder (must not exist; written whole or not at all).
+        weight_bits: weight bits of the inner layers, 2..8.
+        act_bits: input-activation bits of the inner layers, 2..8; omit for float activations.
+        first_last_bits: weight bits of the first and last layer (float input); none = like the others.
+        method: efficientq (ADMM reconstruction) or rtn (round to nearest, the baseline).
+        preset: default (ours) or original (the published code's choices).
+        iterations: ADMM iterations per layer (at most).
+        patience: stop a layer's ADMM after this many iterations without a better iterate (none: never).
+        attention: prediction (class-balanced, from the float prediction), label (needs a labelled calibration
+            item) or none.
+        prediction: softmax or sigmoid; default: what the bundle's post-processing applies.
+        calib_augment: augmented copies of the calibration volume (default: the preset's, 2 or 0).
+        holdout: choose each layer's solution on a copy the fit does not see (default: the preset's).
+        calib: calibration image (path, or a list of paths for an image stored one file per channel, e.g.
+            "['t1c.nii.gz','t1.nii.gz','t2.nii.gz','flair.nii.gz']"); default: the first item of the bundle's
+            evaluation dataset.
+        calib_label: label of --calib (the item then goes through the evaluation's preprocessing).
+        dataset_dir: where the bundle's data are (its dataset_dir id).
+        roi_size: calibration crop, an int or a list; default the bundle's sliding-window roi_size (at most 128 a
+            side, no larger than the image).
+        divisible_by: pad the crop to a multiple of this; default the network's down-sampling factor.
+        max_eval_volumes: evaluate on the first N volumes of the evaluation dataset (default all).
+        evaluate: run the bundle's evaluation on the float and the quantized network (needs its evaluate config).
+        overrides: JSON object of bundle config ids to set for this run, e.g. '{"validate#dataloader#num_workers": 0}'.
+        check_packages: check that the packages the bundle's metadata lists are installed.
+        device: cpu, cuda or cuda:N for the evaluation and the solve (default: the bundle's device).
+        num_threads: CPU threads for torch (default: torch's).
+        quiet: no progress bar or per-layer log. Add --debug to any command for the full traceback of an error.
+    """
+    from .handlers import none_from_text
+    from .zoo import quantize_bundle as run_quantize_bundle
+
+    settings = {
+        "weight_bits": weight_bits, "act_bits": act_bits, "first_last_bits": first_last_bits, "method": method,
+        "preset": preset, "iterations": iterations, "patience": patience, "attention": attention,
+        "prediction": none_from_text(prediction), "calib_augment": calib_augment, "holdout": holdout,
+        "device": device, "progress": not quiet,
+    }
+    _set_threads(num_threads)
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    with _log_beside_progress_bar(not quiet):
+        result = run_quantize_bundle(
+            bundle_dir, out_dir, settings, calib=calib, calib_label=calib_label, dataset_dir=dataset_dir,
+            roi_size=roi_size, divisible_by=divisible_by, max_eval_volumes=max_eval_volumes, evaluate=evaluate,
+            overrides=_json_object(overrides, "--overrides"), check_packages=check_packages,
+        )
+    dice = result.report.dice or {}
+    measured = (
+        f"; Dice mean {dice['float']['mean']:.4f} float -> {dice['quantized']['mean']:.4f} quantized"
+        if "mean" in dice.get("float", {}) and "mean" in dice.get("quantized", {}) else ""
+    )
+    print(f"wrote {result.path} ({result.report.compression:.1f}x smaller than float{measured}):")
+    for name in result.files:
+        print(f"  {name}")
+
+
+def _json_object(value: Any, what: str) -> dict[str, Any] | None:
+    """A dict from a dict or JSON object text (``None`` stays ``None``)."""
+    import json
+
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except (TypeError, json.JSONDecodeError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        example = '{"validate#dataloader#num_workers": 0}'
+        raise ValueError(f"{what} must be a JSON object, e.g. '{example}'; got {value!r}.")
+    return parsed
+
+
 def report(path: str) -> str:
     """A saved report as Markdown (printed by the command).
 
@@ -168,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
-        fire.Fire({"quantize": quantize, "report": report}, command=args, name="monai-efficientq")
+        commands = {"quantize": quantize, "quantize-bundle": quantize_bundle, "report": report}
+        fire.Fire(commands, command=args, name="monai-efficientq")
         sys.stdout.flush()
     except BrokenPipeError:  # e.g. `monai-efficientq report q.json | head`: the reader has gone, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
