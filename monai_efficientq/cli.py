@@ -116,7 +116,7 @@ def _log_beside_progress_bar(progress: bool) -> Any:
         from tqdm.contrib.logging import logging_redirect_tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return contextlib.nullcontext()
-    return logging_redirect_tqdm(loggers=[logging.getLogger("monai_efficientq")])
+    return logging_redirect_tqdm()  # the root logger, where basicConfig put the console handler
 
 
 def _write_outputs(
