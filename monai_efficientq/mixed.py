@@ -27,7 +27,7 @@ Only the codes change size with the width: ``ceil(numel · bits / 8)`` bytes per
 which lets a budget at or below the uniform 2-bit size buy more bits for the layers that need them.
 
 The sensitivity pass costs about one round-to-nearest pass per width (a sub-sampled forward of each layer and a
-warm-started scale fit, :func:`round_to_nearest`): on the bundle SegResNet (64³ crop, one CPU thread) 7-11 % of the
+warm-started scale fit, :func:`round_to_nearest`): on the bundle SegResNet (64³ crop, one CPU thread) 8-11 % of the
 time of the rest of the run. Its errors are round-to-nearest's, not EfficientQ's: a variant with 20 ADMM iterations
 per width there chose other widths with the same Dice (within 0.04 point) at about 8 times the cost.
 """
@@ -606,7 +606,8 @@ def _requantize(net: nn.Module, name: str, layer: nn.Module, bits: int, cfg: Eff
     current = net.get_submodule(name)
     w_mat = weight_matrix(layer).detach().to(torch.float64)
     per_channel = cfg.weight_scale == "channel"
-    _, scale, codes = round_to_nearest(w_mat.reshape(-1, w_mat.shape[-1]), UniformGrid(bits, cfg.weight_grid), per_channel)
+    rows = w_mat.reshape(-1, w_mat.shape[-1])
+    _, scale, codes = round_to_nearest(rows, UniformGrid(bits, cfg.weight_grid), per_channel)
     act = getattr(current, "act_quant", None)
     bias = current.bias.detach() if current.bias is not None else None
     q = build_quantized(layer, codes.reshape(w_mat.shape), scale.to(torch.float32), bias, bits, cfg.weight_grid,

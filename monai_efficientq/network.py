@@ -580,7 +580,9 @@ def _quantize_in_place(
         attention = _attention(cfg, float_out, x, body, label, attention_map)
     edges = _edges(net, x, {n: layers[n] for n in recorder.order}, cfg, timer, log)
     info = QuantizedNetInfo([list(p) for p in pairs], cfg.to_dict())
-    allocation = _allocate(net, x, layers, recorder, attention, edges, cfg, float_bytes, info, given_volumes, timer, log)
+    allocation = _allocate(
+        net, x, layers, recorder, attention, edges, cfg, float_bytes, info, given_volumes, timer, log
+    )
     progress = _progress_bar(len(recorder.order), cfg.progress)
     run = _QuantizingRun(
         cfg, recorder.targets, recorder.order, attention, device, log, progress, body, edges, given_volumes, holdout,
@@ -630,7 +632,9 @@ def _allocation_fields(allocation: WidthAllocation | None) -> dict[str, Any]:
     """The report's size-budget fields: the budget in bytes, the allocation and the per-layer sensitivity table."""
     if allocation is None:
         return {}
-    return {"size_budget": allocation.budget_bytes, "allocation": allocation.summary(), "sensitivity": allocation.table()}
+    return {
+        "size_budget": allocation.budget_bytes, "allocation": allocation.summary(), "sensitivity": allocation.table(),
+    }
 
 
 def _edges(
