@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import zipfile
@@ -59,6 +60,8 @@ __all__ = [
     "dequantized_state_dict",
     "save_dequantized",
 ]
+
+logger = logging.getLogger("monai_efficientq")
 
 FORMAT = "monai-efficientq"
 FORMAT_VERSION = 2
@@ -190,9 +193,26 @@ def save_quantized(qnet: nn.Module, path: str | os.PathLike, report: Any = None)
 
     Returns:
         the path written.
+
+    A report of a size-budgeted run (``report.size_budget``, bytes) is stored only if the file still fits the budget
+    with it; otherwise the file holds the network alone (logged), as :func:`packed_size` measured it.
     """
     state = packed_state(qnet, report)
-    atomic_write(path, lambda f: torch.save(state, f))
+    budget = getattr(report, "size_budget", None)
+    if budget is None:
+        atomic_write(path, lambda f: torch.save(state, f))
+        return os.fspath(path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    if buffer.tell() > budget:
+        logger.warning(
+            "%s: the report is left out of the packed file, which would be %d bytes with it, over the size budget of "
+            "%d bytes; keep the report written beside it (JSON).", os.fspath(path), buffer.tell(), budget,
+        )
+        buffer = io.BytesIO()
+        torch.save(packed_state(qnet), buffer)
+    data = buffer.getvalue()
+    atomic_write(path, lambda f: f.write(data))
     return os.fspath(path)
 
 

@@ -31,7 +31,8 @@ def quantize(
     network_id: str = "network_def", bundle_root: str | None = None, output: str = "model_quantized.pt",
     report_path: str | None = None, dequantized: str | None = None, calib_label: str | None = None,
     roi_size: Any = None, crop: str = "foreground", divisible_by: int = 16, normalize: str = "nonzero",
-    weight_bits: int = 2, act_bits: int | None = None, first_last_bits: int | None = 8, method: str = "efficientq",
+    weight_bits: int = 2, act_bits: int | None = None, first_last_bits: int | None = 8, size_budget: Any = None,
+    bits_choices: Any = (2, 3, 4, 8), method: str = "efficientq",
     preset: str = "default", iterations: int = 200, patience: int | None = 60, attention: str = "prediction",
     prediction: str = "softmax", calib_augment: int | None = None, holdout: bool | None = None,
     device: str | None = None, num_threads: int | None = None, quiet: bool = False,
@@ -57,6 +58,10 @@ def quantize(
         weight_bits: weight bits of the inner layers, 2..8.
         act_bits: input-activation bits of the inner layers, 2..8; omit for float activations.
         first_last_bits: weight bits of the first and last layer (float input); None = like the others.
+        size_budget: the size the packed file must fit, e.g. 400KiB, 1.5MB, 409600 (bytes) or 16x (of the float
+            size): each inner layer's weight width is then chosen from --bits_choices (--weight_bits is not used) and
+            a plot of the per-layer errors is written beside the report (REPORT_sensitivity.png).
+        bits_choices: the widths --size_budget chooses from, e.g. 2,3,4,8 (1 = two levels {-a, a}).
         method: efficientq (ADMM reconstruction) or rtn (round to nearest, the baseline).
         preset: default (ours) or original (the published code's choices).
         iterations: ADMM iterations per layer (at most).
@@ -71,12 +76,15 @@ def quantize(
         quiet: no progress bar or per-layer log. Add --debug to any command for the full traceback of an error.
     """
     cfg = EfficientQConfig(
-        weight_bits=weight_bits, act_bits=act_bits, first_last_bits=first_last_bits, method=method,
+        weight_bits=weight_bits, act_bits=act_bits, first_last_bits=first_last_bits, size_budget=size_budget,
+        bits_choices=bits_choices, method=method,
         preset=preset, iterations=iterations, patience=patience, attention=attention, prediction=prediction,
         device=device, progress=not quiet, calib_augment=calib_augment, holdout=holdout,
     )
     report_path = report_path or os.path.splitext(output)[0] + ".json"
     _check_outputs(output, report_path, dequantized)
+    if size_budget is not None:
+        check_output_path(os.path.splitext(report_path)[0] + "_sensitivity.png", "the plot beside --report_path")
     _set_threads(num_threads)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     net = load_float_weights(build_network(network, network_kwargs, config_file, network_id, bundle_root), checkpoint)
@@ -131,6 +139,8 @@ def _write_outputs(
     if dequantized:
         save_dequantized(qnet, float_net, dequantized)
     written = [report_path, os.path.splitext(report_path)[0] + ".md"] + ([dequantized] if dequantized else [])
+    if rep.sensitivity:
+        written += [p for p in [rep.plot_sensitivity(os.path.splitext(report_path)[0] + "_sensitivity.png")] if p]
     print(
         f"wrote {output} ({os.path.getsize(output) / 2**20:.2f} MiB, {rep.compression:.1f}x smaller than float; "
         f"{len(rep.layers)} layers in {rep.total_seconds:.1f} s) and " + ", ".join(written)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EfficientQConfig", "PRESETS", "SUPPORTED_BITS"]
+__all__ = ["EfficientQConfig", "PRESETS", "SUPPORTED_BITS", "parse_size_budget"]
 
 SUPPORTED_BITS = range(2, 9)
+#: Widths a size-budgeted run may give a layer's weights (1 bit: the no-zero grid's two levels ``{-a, a}``).
+MIXED_BITS = range(1, 9)
 GRIDS = ("nozero", "int")
 METHODS = ("efficientq", "rtn")
 SCALE_MODES = ("tensor", "channel")
@@ -67,6 +71,70 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "solver_dtype": ("float64", "float32"),
     "act_fit_volumes": ("all", "given"),
 }
+
+
+_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 2**10, "mb": 1000**2, "mib": 2**20, "gb": 1000**3, "gib": 2**30}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size_budget(value: int | str, float_bytes: int | None = None) -> int:
+    """A size budget in bytes.
+
+    Args:
+        value: bytes as an int, or a text: a number with a unit (``"400KiB"``, ``"1.5MB"``, ``"300000B"``;
+            KB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024), or a compression ratio of the float size
+            (``"16x"``: ``float_bytes / 16``).
+        float_bytes: the float size a ratio refers to (``None``: only check that the text is valid).
+
+    Returns:
+        the budget in whole bytes (rounded down), or ``0`` for a ratio when ``float_bytes`` is ``None``.
+
+    Raises:
+        ValueError: a value that is not a positive size or ratio.
+    """
+    hint = 'give bytes (e.g. 409600) or a text like "400KiB", "1.5MB" or "16x" (16 times smaller than float)'
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"size_budget={value!r} is not a size: {hint}.")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"size_budget={value!r} must be a positive number of bytes: {hint}.")
+        return value
+    match = _SIZE_PATTERN.match(value)
+    unit = match.group(2).lower() if match else ""
+    if match is None or (unit not in _SIZE_UNITS and unit != "x"):
+        raise ValueError(f"size_budget={value!r} is not a size: {hint}; units: B, KB, KiB, MB, MiB, GB, GiB.")
+    number = float(match.group(1))
+    if number <= 0:
+        raise ValueError(f"size_budget={value!r} must be positive: {hint}.")
+    if unit == "x":
+        if number < 1:
+            raise ValueError(f"size_budget={value!r}: a ratio below 1x would be larger than the float network.")
+        return 0 if float_bytes is None else int(math.floor(float_bytes / number))
+    budget = int(math.floor(number * _SIZE_UNITS[unit]))
+    if budget < 1:
+        raise ValueError(f"size_budget={value!r} is less than one byte: {hint}.")
+    return budget
+
+
+def _check_bits_choices(choices: Any, grid: str) -> tuple[int, ...]:
+    """``choices`` (ints, or a comma-separated text such as ``"2,3,4,8"``) as a sorted tuple of distinct widths."""
+    if isinstance(choices, str):
+        choices = [c for c in re.split(r"[\s,()\[\]]+", choices) if c]
+    hint = f"bits_choices={choices!r}: give integer widths from 1 to 8, e.g. (2, 3, 4, 8)."
+    if isinstance(choices, (int, bool)) or not hasattr(choices, "__iter__"):
+        raise ValueError(hint)
+    widths = set()
+    for c in choices:
+        text = str(c).strip()
+        if isinstance(c, bool) or not text.isdigit() or int(text) not in MIXED_BITS:
+            raise ValueError(hint)
+        widths.add(int(text))
+    if not widths:
+        raise ValueError(hint)
+    if grid == "int" and 1 in widths:
+        raise ValueError('bits_choices contains 1, which the integer grid cannot hold (it would be {-a, 0}): use '
+                         'weight_grid="nozero" (levels {-a, a}) or widths of 2 and more.')
+    return tuple(sorted(widths))
 
 
 def _check_bits(name: str, bits: int | None, allow_none: bool) -> None:
@@ -130,6 +198,16 @@ class EfficientQConfig:
             worse than RTN on the calibration data.
         first_last_bits: weight bits of the first and last quantized layers (their input stays float).
             ``None`` treats them like the others.
+        size_budget: the size the packed checkpoint must fit (``None``: every inner layer gets ``weight_bits``):
+            bytes as an int, a text with a unit (``"400KiB"``, ``"1.5MB"``) or a compression ratio of the float
+            size (``"16x"``). Each inner layer then gets its weight width from ``bits_choices``: a cheap pass measures
+            every layer's output error at every width (round to nearest, on the input through the quantized layers
+            before it) and the widths with the lowest summed error that fit are chosen
+            (:mod:`~monai_efficientq.mixed`). ``weight_bits`` is then not used; the edge layers keep
+            ``first_last_bits`` and activations ``act_bits``. :func:`~monai_efficientq.checkpoint.packed_size` of the
+            result is at most the budget.
+        bits_choices: the weight widths a size-budgeted run chooses from (1..8; 1 bit is the no-zero grid's
+            ``{-a, a}``).
         iterations: ADMM iterations per layer (at most, with ``patience``).
         patience: stop a layer's ADMM once its best candidate (the iterate, or round-to-nearest, that ranks
             lowest) has not improved by more than 0.01 % for this many iterations; ``None`` always runs
@@ -189,6 +267,8 @@ class EfficientQConfig:
     best_iterate_error: str | None = None
     rtn_candidate: bool | None = None
     first_last_bits: int | None = 8
+    size_budget: int | str | None = None
+    bits_choices: tuple[int, ...] = (2, 3, 4, 8)
     iterations: int = 200
     patience: int | None = 60
     rho_step_every: int = 50
@@ -234,6 +314,9 @@ class EfficientQConfig:
         _check_bits("first_last_bits", self.first_last_bits, allow_none=True)
         for name, choices in _CHOICES.items():
             _check_choice(name, getattr(self, name), choices)
+        self.bits_choices = _check_bits_choices(self.bits_choices, self.weight_grid)
+        if self.size_budget is not None:
+            parse_size_budget(self.size_budget)
         if not isinstance(self.holdout, bool):
             raise ValueError(f"holdout={self.holdout!r} must be True or False.")
 

@@ -37,6 +37,7 @@ from .layers import (
     subsampled_forward,
     weight_matrix,
 )
+from .mixed import WidthAllocation, allocate_widths, enforce_budget
 from .modules import QuantizedMixin, QuantizedNetInfo, build_quantized, quantization_info, set_quantization_info
 from .quantizer import ActQuantizer, UniformGrid
 from .report import LayerRecord, QuantizationReport
@@ -180,9 +181,11 @@ class _QuantizingRun:
         holdout: bool = False,
         timer: PhaseTimer | None = None,
         volumes: int = 1,
+        layer_bits: dict[str, int] | None = None,
     ) -> None:
         self.timer = timer if timer is not None else PhaseTimer(device)
         self.cfg = cfg
+        self.layer_bits = layer_bits or {}  # weight widths chosen under a size budget
         self.given_volumes = given_volumes
         self.volumes = volumes  # in the calibration batch: the given ones and their augmented copies
         self.holdout = holdout  # the last volume is held out of the fit
@@ -203,7 +206,7 @@ class _QuantizingRun:
         cfg = self.cfg
         if name in self.edges and cfg.first_last_bits is not None:
             return cfg.first_last_bits, None
-        return cfg.weight_bits, cfg.act_bits
+        return self.layer_bits.get(name, cfg.weight_bits), cfg.act_bits
 
     @torch.no_grad()
     def quantize_layer(self, name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -611,26 +614,62 @@ def _quantize_with_targets(
         body = (x != 0).any(dim=1) if x.dim() >= 3 else None
         attention = _attention(cfg, float_out, x, body, label, attention_map)
     edges = _edges(net, x, {n: layers[n] for n in recorder.order}, cfg, timer, log)
+    info = QuantizedNetInfo([list(p) for p in pairs], cfg.to_dict())
+    allocation = _allocate(
+        net, x, layers, recorder, attention, edges, cfg, float_bytes, info, given_volumes, timer, log
+    )
     progress = _progress_bar(len(recorder.order), cfg.progress)
     run = _QuantizingRun(
         cfg, targets, recorder.order, attention, device, log, progress, body, edges, given_volumes, holdout,
-        timer, volumes=x.shape[0],
+        timer, volumes=x.shape[0], layer_bits=allocation.bits if allocation is not None else None,
     )
     log.info(
-        "EfficientQ: %d layers, %s W%d A%s, preset %s, on %s", len(recorder.order), cfg.method, cfg.weight_bits,
-        cfg.act_bits if cfg.act_bits is not None else "-", cfg.preset, device,
+        "EfficientQ: %d layers, %s W%s A%s, preset %s, on %s", len(recorder.order), cfg.method,
+        cfg.weight_bits if allocation is None else "(mixed)", cfg.act_bits if cfg.act_bits is not None else "-",
+        cfg.preset, device,
     )
     q_out = _quantizing_forward(net, x, layers, run)
-    set_quantization_info(net, QuantizedNetInfo([list(p) for p in pairs], cfg.to_dict()))
+    set_quantization_info(net, info)
     with timer("finish"):
+        if allocation is None:
+            packed = packed_size(net)
+        else:  # the real file checked against the budget
+            packed = enforce_budget(net, layers, allocation, cfg, run.records, log)
         peak, kind = peak_memory(device)
         return QuantizationReport(
             config=cfg.to_dict(), layers=run.records,
             float_layers=_float_layer_list(net, layers, recorder.order, cfg),
             folded_batchnorm=[list(p) for p in pairs], peak_memory_mb=peak, peak_memory_kind=kind,
-            float_bytes=float_bytes, packed_bytes=packed_size(net), calibration_shape=given_shape,
+            float_bytes=float_bytes, packed_bytes=packed, calibration_shape=given_shape,
             device=str(device), calib_agreement_dice=_agreement_dice(float_out, q_out, cfg.prediction == "sigmoid"),
+            **_allocation_fields(allocation),
         )
+
+
+def _allocate(
+    net: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module], recorder: _TargetRecorder,
+    attention: AttentionMaps | None, edges: set[str] | None, cfg: EfficientQConfig, float_bytes: int,
+    info: QuantizedNetInfo, given_volumes: int, timer: PhaseTimer, log: logging.Logger,
+) -> WidthAllocation | None:
+    """Under ``cfg.size_budget``, every layer's weight width (:mod:`~monai_efficientq.mixed`); else ``None``."""
+    if cfg.size_budget is None:
+        return None
+    with timer("allocation"):
+        allocation = allocate_widths(
+            net, x, {n: layers[n] for n in recorder.order}, recorder.targets, attention, edges, cfg, float_bytes,
+            info, given_volumes, log,
+        )
+    allocation.seconds = round(timer.seconds["allocation"], 3)
+    return allocation
+
+
+def _allocation_fields(allocation: WidthAllocation | None) -> dict[str, Any]:
+    """The report's size-budget fields: the budget in bytes, the allocation and the per-layer sensitivity table."""
+    if allocation is None:
+        return {}
+    return {
+        "size_budget": allocation.budget_bytes, "allocation": allocation.summary(), "sensitivity": allocation.table(),
+    }
 
 
 def _edges(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = ["LayerRecord", "QuantizationReport", "atomic_write_text"]
+
+_logger = logging.getLogger("monai_efficientq")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -84,6 +87,12 @@ class QuantizationReport:
         calibration_shape: shape of the calibration volume.
         calib_agreement_dice: per-class Dice of the quantized vs the float prediction on the calibration volume.
         dice: evaluation Dice, filled by an evaluator (e.g. ``{"float": {...}, "quantized": {...}}``).
+        size_budget: the size budget in bytes (``None``: uniform widths); ``packed_bytes`` is at most this.
+        allocation: under a size budget, how the widths were chosen (see
+            :class:`~monai_efficientq.mixed.WidthAllocation`: the budget, the widths offered, the smallest possible
+            size, the summed layer error of the choice and of each uniform width, the seconds it took).
+        sensitivity: under a size budget, one entry per layer: its output error and code bytes at each width
+            (``bits``, ``errors``, ``code_bytes``), whether its width was fixed (an edge layer) and the ``chosen`` one.
     """
 
     config: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +109,9 @@ class QuantizationReport:
     device: str = ""
     calib_agreement_dice: dict[str, float] = field(default_factory=dict)
     dice: dict[str, Any] = field(default_factory=dict)
+    size_budget: int | None = None
+    allocation: dict[str, Any] = field(default_factory=dict)
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def compression(self) -> float:
@@ -118,6 +130,7 @@ class QuantizationReport:
         for key in RUN_METADATA:
             d.pop(key, None)
         d["layers"] = [{k: v for k, v in rec.items() if k not in LAYER_RUN_METADATA} for rec in d["layers"]]
+        d["allocation"] = {k: v for k, v in d["allocation"].items() if k != "seconds"}
         return d
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -150,6 +163,7 @@ class QuantizationReport:
         lines += _dice_table(self.dice)
         lines += _phase_table(self.phase_seconds, self.total_seconds)
         lines += _layer_table(self.layers)
+        lines += _sensitivity_table(self.sensitivity, self.allocation)
         if self.float_layers:
             lines += ["", "## Left in float", "", "| layer | type | reason |", "|---|---|---|"]
             lines += [f"| `{f['name']}` | {f['type']} | {f['reason']} |" for f in self.float_layers]
@@ -164,8 +178,11 @@ class QuantizationReport:
         act = cfg.get("act_bits")
         first_last = cfg.get("first_last_bits")
         copies = f" and {cfg['calib_augment']} augmented copies of each" if cfg.get("calib_augment") else ""
+        weights = f"W{cfg.get('weight_bits')}"
+        if self.size_budget is not None:
+            weights = "mixed widths from {" + ", ".join(map(str, self.allocation.get("bits_choices", []))) + "}"
         lines = [
-            f"- method: `{cfg.get('method')}`, preset: `{cfg.get('preset')}`, weights W{cfg.get('weight_bits')}"
+            f"- method: `{cfg.get('method')}`, preset: `{cfg.get('preset')}`, weights {weights}"
             f", activations {'A' + str(act) if act else 'float'}, first/last layers "
             f"{'W' + str(first_last) + ' float input' if first_last else 'as the others'}",
             f"- scale: per {cfg.get('weight_scale')}, grid: {cfg.get('weight_grid')}, ADMM iterations: "
@@ -181,12 +198,104 @@ class QuantizationReport:
             f"- size: float {self.float_bytes / 2**20:.2f} MiB, packed {self.packed_bytes / 2**20:.2f} MiB"
             f" ({self.compression:.1f}x smaller)",
         ]
+        if self.size_budget is not None:
+            lines.append(_budget_line(self.size_budget, self.packed_bytes, self.allocation))
         if self.folded_batchnorm:
             lines.append(f"- folded BatchNorm: {len(self.folded_batchnorm)}")
         if self.calib_agreement_dice:
             agree = ", ".join(f"{k} {v:.4f}" for k, v in self.calib_agreement_dice.items())
             lines.append(f"- Dice of quantized vs float prediction on the calibration volume: {agree}")
         return lines
+
+    def plot_sensitivity(self, path: str | os.PathLike) -> str | None:
+        """Draw the per-layer sensitivity of a size-budgeted run (PNG, matplotlib): each layer's output error at
+        every width, the chosen width marked, and the bytes each layer takes at its width.
+
+        Args:
+            path: the PNG to write.
+
+        Returns:
+            ``path``, or ``None`` when matplotlib is not installed (logged; nothing written).
+
+        Raises:
+            ValueError: the report has no sensitivity table (the run had no ``size_budget``).
+        """
+        if not self.sensitivity:
+            raise ValueError("this report has no sensitivity table: only a run with a size_budget measures one.")
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            _logger.warning("matplotlib is not installed: no sensitivity plot written (pip install matplotlib).")
+            return None
+        fig = Figure(figsize=(max(8.0, 0.28 * len(self.sensitivity) + 3), 7.5))
+        FigureCanvasAgg(fig)
+        _draw_sensitivity(fig, self.sensitivity, self.allocation, self.size_budget, self.packed_bytes)
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+        fig.savefig(os.fspath(path), dpi=110)
+        return os.fspath(path)
+
+
+def _budget_line(budget: int, packed: int, allocation: dict[str, Any]) -> str:
+    """The summary line of a size-budgeted run: the budget, the packed file and the smallest possible size."""
+    given = allocation.get("size_budget")
+    as_given = f" (`{given}`)" if isinstance(given, str) else ""
+    line = (f"- size budget: {budget} bytes{as_given}, packed file {packed} bytes ({100 * packed / budget:.1f} % of "
+            f"it); the smallest these widths allow: {allocation.get('minimum_bytes')} bytes")
+    if allocation.get("lowered_after_solve"):
+        line += f"; lowered after the solve to fit: {', '.join(allocation['lowered_after_solve'])}"
+    return line
+
+
+def _sensitivity_table(rows: list[dict[str, Any]], allocation: dict[str, Any]) -> list[str]:
+    """The "Width allocation" section: each layer's error and bytes at each width, and the one it got."""
+    if not rows:
+        return []
+    widths = list(allocation.get("bits_choices") or sorted({b for r in rows for b in r["bits"]}))
+    head = "| # | layer | weights | " + " | ".join(f"error W{b}" for b in widths) + " | W | bytes |"
+    lines = ["", "## Width allocation", "", head, "|---" * (len(widths) + 5) + "|"]
+    for i, r in enumerate(rows):
+        errors = dict(zip(r["bits"], r["errors"]))
+        cells = " | ".join(_fmt_err(errors.get(b)) if b in errors else "" for b in widths)
+        chosen_bytes = dict(zip(r["bits"], r["code_bytes"])).get(r["chosen"])
+        width = f"{r['chosen']}{' (edge)' if r['fixed'] else ''}"
+        lines.append(f"| {i} | `{r['name']}` | {r['numel']} | {cells} | {width} | {chosen_bytes} |")
+    uniform = allocation.get("uniform", {})
+    lines += ["", "Errors: each layer's `‖q − f‖² / ‖f‖²` (attention-weighted) with round-to-nearest weights at that "
+              "width, on its input through the layers before it (those at "
+              f"W{allocation.get('carry_bits')}); the widths minimise their sum with the packed file within the "
+              "budget. bytes: the layer's bit-packed codes.",
+              "", f"Summed layer error of the allocation: {_fmt_err(allocation.get('estimated_error'))}"
+              + "".join(f"; uniform W{b}: {_fmt_err(u['error'])} ({u['bytes']} bytes)" for b, u in uniform.items())
+              + "."]
+    return lines
+
+
+def _draw_sensitivity(fig: Any, rows: list[dict[str, Any]], allocation: dict[str, Any], budget: int | None,
+                      packed: int) -> None:
+    """Errors per layer and width (top, log scale, the chosen width circled) and chosen bytes per layer (bottom)."""
+    widths = list(allocation.get("bits_choices") or sorted({b for r in rows for b in r["bits"]}))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    index = list(range(len(rows)))
+    colors = {b: f"C{i}" for i, b in enumerate(sorted({b for r in rows for b in r["bits"]}))}
+    for b in widths:
+        pts = [(i, dict(zip(r["bits"], r["errors"]))[b]) for i, r in zip(index, rows) if b in r["bits"]]
+        top.plot([p[0] for p in pts], [max(p[1], 1e-12) for p in pts], marker=".", color=colors[b], label=f"W{b}")
+    chosen = [(i, dict(zip(r["bits"], r["errors"]))[r["chosen"]]) for i, r in zip(index, rows)]
+    top.scatter([c[0] for c in chosen], [max(c[1], 1e-12) for c in chosen], s=90, facecolors="none",
+                edgecolors="black", label="chosen", zorder=3)
+    top.set_yscale("log")
+    top.set_ylabel("layer output error (relative)")
+    top.legend(fontsize=8, ncol=len(widths) + 1)
+    top.grid(alpha=0.3)
+    used = [dict(zip(r["bits"], r["code_bytes"]))[r["chosen"]] / 1024 for r in rows]
+    bottom.bar(index, used, color=[colors[r["chosen"]] for r in rows])
+    bottom.set_ylabel("code KiB at the chosen width")
+    bottom.set_xticks(index)
+    bottom.set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=6)
+    title = f"size budget {budget} bytes, packed {packed} bytes" if budget else "sensitivity"
+    top.set_title(title, fontsize=10)
 
 
 def _dice_table(dice: dict[str, Any]) -> list[str]:

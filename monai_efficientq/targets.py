@@ -52,6 +52,12 @@ class TargetStore:
         torch.save(output.detach().to("cpu").contiguous(), path)
         self._files[name] = path
 
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The target of ``name``, kept in the store (read again from its file on disk)."""
+        if not self.on_disk:
+            return self._tensors[name]
+        return torch.load(self._files[name], map_location=self.device, weights_only=True)
+
     def pop(self, name: str) -> torch.Tensor:
         """The target of ``name``, removed from the store (its file deleted)."""
         if not self.on_disk:

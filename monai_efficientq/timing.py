@@ -24,6 +24,8 @@ PHASES: dict[str, str] = {
     "targets": "forward pass recording every layer's float output (the reconstruction targets)",
     "attention": "class-balanced attention map from the float prediction (or the label)",
     "edges": "finding the first and last layers by data flow",
+    "allocation": "under a size budget: the sensitivity pass (every layer's error at every width) and the choice of "
+    "the widths",
     "act_fit": "fitting the activation quantizers' ranges (least squares, then the output-aware range choice) and "
     "quantizing the layer's input with them",
     "gram": "im2col of the quantized inputs and accumulation of the Gram statistics",

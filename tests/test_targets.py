@@ -25,6 +25,7 @@ def test_store_round_trip_on_disk_and_in_memory(tmp_path, monkeypatch):
             store.put("a", out)
             out.add_(1)  # the forward changes its output in place later: the stored target must not change
             assert "a" in store and len(store) == 1
+            assert torch.equal(store["a"], original) and "a" in store  # read, kept
             assert torch.equal(store.pop("a"), original) and "a" not in store
             if where == "disk":
                 assert len(glob.glob(str(tmp_path / "efficientq-targets-*"))) == 1
