@@ -13,6 +13,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -114,8 +116,8 @@ def test_spleen_bundle_files(spleen):
     bundle, _, result = spleen
     assert result.files == [
         "LICENSE", "configs/evaluate.json", "configs/inference.json", "configs/logging.conf", "configs/metadata.json",
-        "configs/train.json", "docs/README.md", "docs/data_license.txt", "docs/quantization_report.json",
-        "docs/quantization_report.md", "models/model_quantized.pt",
+        "configs/multi_gpu_evaluate.json", "configs/train.json", "docs/README.md", "docs/data_license.txt",
+        "docs/quantization_report.json", "docs/quantization_report.md", "models/model_quantized.pt",
     ]  # no float model.pt, no large_files.yml pointing at it
     packed = os.path.join(result.path, "models", "model_quantized.pt")
     assert os.path.getsize(packed) < os.path.getsize(os.path.join(bundle, "models", "model.pt")) / 2
@@ -195,6 +197,58 @@ def test_spleen_readme(spleen):
     assert readme.rstrip().endswith("The float model card.")  # the source README follows
 
 
+def _evaluate_in_subprocess(launcher: list[str], configs: list[str], bundle: str, data: str, out) -> str:
+    """Run ``monai.bundle run`` of ``configs`` (in ``bundle``) under ``launcher``; its stdout and stderr."""
+    command = [*launcher, "-m", "monai.bundle", "run", "--config_file", str([f"configs/{c}" for c in configs]),
+               "--bundle_root", bundle, "--dataset_dir", data, "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    done = subprocess.run(command, cwd=bundle, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_spleen_multi_gpu_evaluate_config(spleen):
+    _, _, result = spleen
+    with open(os.path.join(result.path, "configs", "multi_gpu_evaluate.json")) as f:
+        config = json.load(f)
+    assert config["validate#sampler"] == {"_target_": "DistributedSampler", "dataset": "@validate#dataset",
+                                          "even_divisible": False, "shuffle": False}
+    assert config["validate#dataloader#sampler"] == "@validate#sampler"
+    # evaluate.json's handlers: QuantizedCheckpointLoader, StatsHandler, MetricsSaver (gathers: on every rank)
+    assert [k for k in config if k.startswith("validate#handlers")] == ["validate#handlers#1#_disabled_"]
+    assert config["validate#handlers#1#_disabled_"] == "$dist.get_rank() > 0"
+    assert "$monai.utils.set_determinism(seed=123)" in config["initialize"]  # the bundle's own step is kept
+    assert config["run"] == ["$@validate#evaluator.run()"]
+    with open(os.path.join(result.path, "docs", "README.md")) as f:
+        readme = f.read()
+    assert ("torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run --config_file \"['configs/train."
+            "json','configs/evaluate.json','configs/multi_gpu_evaluate.json']\"") in readme
+    assert "Quantization ran once" in readme
+
+
+def test_spleen_multi_gpu_evaluate_gives_the_single_process_dice(spleen, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each evaluates one of the 2 volumes with the packed checkpoint; the
+    gathered Dice equals the single-process run's, and MetricsSaver's per-case details hold both volumes."""
+    _, data, result = spleen
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _evaluate_in_subprocess([sys.executable], ["train.json", "evaluate.json"], result.path, data, single)
+    _evaluate_in_subprocess(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2"],
+        ["train.json", "evaluate.json", "multi_gpu_evaluate.json"], result.path, data, multi,
+    )
+    expected = saved_metrics(single)["val_mean_dice"]
+    assert saved_metrics(multi)["val_mean_dice"] == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(result.metrics["val_mean_dice"]["quantized"], abs=1e-4)
+    cases = {}
+    for folder in (single, multi):
+        with open(folder / "val_mean_dice_raw.csv") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["filename", "class0", "mean"]
+        cases[folder.name] = sorted(rows[1:])
+    # 2 rows, not 4: each rank evaluated its own volume (the sampler) and rank 0 wrote both (the gathering)
+    assert len(cases["multi"]) == 2 and cases["multi"] == cases["single"]  # file names and per-case Dice
+
+
 def test_spleen_inference_writes_segmentations(spleen, tmp_path):
     _, data, result = spleen
     out = tmp_path / "seg"
@@ -260,6 +314,7 @@ def test_yaml_bundle_through_the_cli(tmp_path, capsys):
           "--num_threads", "1"])
     printed = capsys.readouterr().out
     assert printed.startswith(f"wrote {out} (") and "  configs/inference.yaml\n" in printed
+    assert "  configs/multi_gpu_evaluate.yaml\n" in printed  # the evaluate config's format
     import yaml
 
     for name in ("inference.yaml", "evaluate.yaml"):
@@ -402,6 +457,38 @@ def test_quantized_config_replaces_loaders_and_renames_the_checkpoint():
                                   "_disabled_": "$not os.path.exists(@ckpt_path)"}
     assert new["handlers"][1:] == source["handlers"][1:]  # a saver keeps its file name
     assert new["others"] == source["others"]
+
+
+def test_multi_gpu_evaluate_config_pieces():
+    from monai_efficientq.zoo.multi_gpu import multi_gpu_evaluate_config
+
+    handlers = [
+        {"_target_": "QuantizedCheckpointLoader"},
+        {"_target_": "StatsHandler", "_disabled_": "$@quiet"},
+        {"_target_": "MetricsSaver", "save_dir": "."},
+        {"_target_": "ignite.handlers.ProgressBar"},
+        {"_target_": "TensorBoardStatsHandler", "_disabled_": True},
+    ]
+    config = {
+        "quiet": False,
+        "eval_handlers": handlers,
+        "validate": {"dataset": {"_target_": "Dataset", "data": []}, "handlers": "@eval_handlers",
+                     "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "shuffle": True},
+                     "evaluator": {"_target_": "SupervisedEvaluator"}},
+        "initialize": "$print('own step')",
+        "finalize": ["$print('own end')"],
+    }
+    parser = ConfigParser(config)
+    new = multi_gpu_evaluate_config(parser)
+    assert new["validate#dataloader#shuffle"] is False and new["validate#dataloader#sampler"] == "@validate#sampler"
+    assert {k: v for k, v in new.items() if k.startswith("eval_handlers")} == {  # the list the reference names
+        "eval_handlers#1#_disabled_": "$(@quiet) or dist.get_rank() > 0",
+        "eval_handlers#3#_disabled_": "$dist.get_rank() > 0",
+    }
+    assert "$print('own step')" in new["initialize"]
+    assert new["finalize"] == ["$print('own end')", "$dist.is_initialized() and dist.destroy_process_group()"]
+    del config["validate"]["dataset"]
+    assert multi_gpu_evaluate_config(ConfigParser(config)) is None
 
 
 def test_downsampling_factor():

@@ -14,7 +14,9 @@ same network quantized in place by :func:`~monai_efficientq.network.quantize_`, 
   of the packed checkpoint (:mod:`.configs`), and an ``export`` run id in ``inference`` that writes TorchScript.
   ``configs/train`` is copied unchanged when ``evaluate`` layers on it (as in the zoo), with ``logging.conf``, the
   other files of ``configs/`` that these configs name (e.g. ``datalist.json``) and ``scripts/``. The zoo's
-  TensorRT and multi-GPU configs are left out.
+  TensorRT and multi-GPU configs are left out; our own ``configs/multi_gpu_evaluate`` (:mod:`.multi_gpu`) runs the
+  quantized bundle's evaluation under ``torchrun`` (NCCL on GPUs, gloo on CPUs), each rank on its share of the
+  evaluation data with the packed checkpoint, the metrics gathered across ranks.
 - ``configs/metadata.json``: the next version with a changelog entry, ``required_packages_version`` naming
   monai-efficientq, ``eval_metrics`` of the quantized network and a ``quantization`` section (settings,
   calibration, sizes, Dice of the float and the quantized network; :mod:`.card`).

@@ -36,7 +36,8 @@ class QuantizationSummary:
         float_file_bytes: size of the float ``models/model.pt``.
         packed_file_bytes: size of ``models/model_quantized.pt``.
         command: the command line that reproduces the run.
-        config_files: ``{"inference" | "evaluate" | "train": file name}`` of the quantized bundle's configs.
+        config_files: ``{"inference" | "evaluate" | "train" | "multi_gpu_evaluate": file name}`` of the quantized
+            bundle's configs.
     """
 
     report: QuantizationReport
@@ -170,6 +171,21 @@ def _config_list(files: list[str]) -> str:
     return files[0] if len(files) == 1 else "\"[" + ",".join(f"'{f}'" for f in files) + "]\""
 
 
+def _multi_gpu_note(files: Mapping[str, str]) -> list[str]:
+    """The README paragraph on the distributed evaluation config (none if the bundle has none)."""
+    if "multi_gpu_evaluate" not in files:
+        return []
+    return [
+        f"Quantization ran once, when this bundle was made; `configs/{files['multi_gpu_evaluate']}` only evaluates "
+        "the packed model on several processes (`--nproc_per_node`: one per GPU, the NCCL backend; on a machine "
+        "without CUDA, CPU processes with the gloo backend). Each process loads `models/model_quantized.pt` and "
+        "evaluates its share of the evaluation data (`DistributedSampler`); the metrics and the `MetricsSaver` "
+        "details are gathered across processes, so the figures equal a single-process run's; only the first "
+        "process logs.",
+        "",
+    ]
+
+
 def quantized_readme(metadata: Mapping[str, Any], summary: QuantizationSummary, source_readme: str | None) -> str:
     """The quantized bundle's ``docs/README.md``: what was quantized and how, the results (Dice per class and the
     bundle's metrics, float vs quantized), the sizes, the commands to run it, then the source README.
@@ -240,6 +256,10 @@ def quantized_readme(metadata: Mapping[str, Any], summary: QuantizationSummary, 
     if "evaluate" in files:
         layers = [f"configs/{files[n]}" for n in ("train", "evaluate") if n in files]
         lines.append(f"python -m monai.bundle run --config_file {_config_list(layers)}")
+    if "multi_gpu_evaluate" in files:
+        layers = [f"configs/{files[n]}" for n in ("train", "evaluate", "multi_gpu_evaluate") if n in files]
+        lines.append(f"torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run --config_file "
+                     f"{_config_list(layers)}   # evaluation on 2 GPUs")
     if "inference" in files:
         lines.append(
             f"python -m monai.bundle run export --config_file configs/{files['inference']}   "
@@ -252,6 +272,7 @@ def quantized_readme(metadata: Mapping[str, Any], summary: QuantizationSummary, 
         "file to share. `configs/train` is the source's, kept because `evaluate` layers on it; training with it "
         "trains a float network.",
         "",
+        *_multi_gpu_note(files),
         "## How it was made",
         "",
         "```bash",

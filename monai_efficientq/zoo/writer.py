@@ -18,6 +18,7 @@ from torch import nn
 from . import card
 from .configs import NETWORK_DEF_ID, QUANTIZED_CHECKPOINT, config_text, has_id, parsed_content, with_export
 from .layout import BundleLayout
+from .multi_gpu import MULTI_GPU_EVALUATE, multi_gpu_evaluate_config
 
 __all__ = ["RunOutcome", "write_bundle"]
 
@@ -69,7 +70,8 @@ def _write_configs(
     layout: BundleLayout, staging: str, rewritten: Mapping[str, dict], export_shape: Sequence[int]
 ) -> dict[str, str]:
     """Write the quantized bundle's configs: the rewritten ones, ``train`` (unchanged) when ``evaluate`` layers on
-    it, ``logging.conf`` and the other files of ``configs/`` the written configs name (e.g. a datalist).
+    it, ``logging.conf``, the other files of ``configs/`` the written configs name (e.g. a datalist) and the
+    distributed evaluation config (:func:`~monai_efficientq.zoo.multi_gpu.multi_gpu_evaluate_config`).
 
     Returns:
         ``{name: file name}`` of the bundle configs written.
@@ -95,7 +97,24 @@ def _write_configs(
             continue
         if entry == "logging.conf" or any(entry in text for text in texts):
             shutil.copy2(path, os.path.join(folder, entry))
+    _write_multi_gpu_evaluate(folder, names)
     return names
+
+
+def _write_multi_gpu_evaluate(folder: str, names: dict[str, str]) -> None:
+    """Add ``multi_gpu_evaluate`` (the format of the ``evaluate`` config) layered on the written ``train`` and
+    ``evaluate`` configs, and its file name to ``names``, when the evaluation can be distributed."""
+    from .configs import bundle_parser
+
+    if "evaluate" not in names:
+        return
+    layers = [os.path.join(folder, names[n]) for n in ("train", "evaluate") if n in names]
+    config = multi_gpu_evaluate_config(bundle_parser(layers, None, {}))
+    if config is None:
+        return
+    name = MULTI_GPU_EVALUATE + os.path.splitext(names["evaluate"])[1]
+    _write_text(os.path.join(folder, name), config_text(config, name))
+    names[MULTI_GPU_EVALUATE] = name
 
 
 def _copy_support_files(layout: BundleLayout, staging: str) -> str | None:
