@@ -149,7 +149,7 @@ def _write_outputs(
 
 def quantize_bundle(
     bundle_dir: str, out_dir: str, weight_bits: int = 2, act_bits: int | None = None, first_last_bits: int | None = 8,
-    method: str = "efficientq", preset: str = "default", iterations: int = 200, patience: int | None = 60,
+    size_budget: Any = None, bits_choices: Any = (2, 3, 4, 8), method: str = "efficientq", preset: str = "default", iterations: int = 200, patience: int | None = 60,
     attention: str = "prediction", prediction: str | None = None, calib_augment: int | None = None,
     holdout: bool | None = None, calib: Any = None, calib_label: str | None = None, dataset_dir: str | None = None,
     roi_size: Any = None, divisible_by: Any = None, max_eval_volumes: int | None = None, evaluate: bool = True,
@@ -166,6 +166,9 @@ def quantize_bundle(
         weight_bits: weight bits of the inner layers, 2..8.
         act_bits: input-activation bits of the inner layers, 2..8; omit for float activations.
         first_last_bits: weight bits of the first and last layer (float input); none = like the others.
+        size_budget: the size the packed model must fit, e.g. 400KiB, 1.5MB or 16x (of the float size): each inner
+            layer's width is then chosen from --bits_choices where the layer errors say (--weight_bits is not used).
+        bits_choices: the widths --size_budget chooses from, e.g. 2,3,4,8.
         method: efficientq (ADMM reconstruction) or rtn (round to nearest, the baseline).
         preset: default (ours) or original (the published code's choices).
         iterations: ADMM iterations per layer (at most).
@@ -195,8 +198,8 @@ def quantize_bundle(
     from .zoo import quantize_bundle as run_quantize_bundle
 
     settings = {
-        "weight_bits": weight_bits, "act_bits": act_bits, "first_last_bits": first_last_bits, "method": method,
-        "preset": preset, "iterations": iterations, "patience": patience, "attention": attention,
+        "weight_bits": weight_bits, "act_bits": act_bits, "first_last_bits": first_last_bits,
+        "size_budget": none_from_text(size_budget), "bits_choices": bits_choices, "method": method, "preset": preset, "iterations": iterations, "patience": patience, "attention": attention,
         "prediction": none_from_text(prediction), "calib_augment": calib_augment, "holdout": holdout,
         "device": device, "progress": not quiet,
     }
