@@ -28,7 +28,9 @@ from typing import Any
 
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-__all__ = ["EfficientQWorkflow", "UnknownOverrideError", "check_override_ids", "unwrap_config_error", "one_line"]
+__all__ = [
+    "EfficientQWorkflow", "UnknownOverrideError", "check_override_ids", "has_config_id", "one_line", "unwrap_config_error",
+]
 
 ID_SEP = "#"
 _MONAI_WRAPPERS = ("Failed to evaluate", "Failed to instantiate")
@@ -41,7 +43,8 @@ class UnknownOverrideError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def _known(parser: ConfigParser, config_id: str) -> bool:
+def has_config_id(parser: ConfigParser, config_id: str) -> bool:
+    """Whether the parser's config has ``config_id`` (e.g. ``validate#dataloader``), without parsing anything."""
     try:
         parser[config_id]
     except (KeyError, IndexError, ValueError, TypeError):
@@ -63,7 +66,7 @@ def _ids_at(parser: ConfigParser, parent: str) -> list[str]:
 
 def _unknown_message(parser: ConfigParser, config_id: str) -> str:
     parent, _, leaf = config_id.rpartition(ID_SEP)
-    while parent and not _known(parser, parent):  # climb to the deepest id that exists
+    while parent and not has_config_id(parser, parent):  # climb to the deepest id that exists
         parent, _, _ = parent.rpartition(ID_SEP)
         leaf = config_id[len(parent) + 1 :] if parent else config_id
     valid = _ids_at(parser, parent)
@@ -92,10 +95,10 @@ def check_override_ids(parser: ConfigParser, override: Mapping[str, Any]) -> Non
         UnknownOverrideError: naming the first unknown id, the nearest valid one and the valid ids beside it.
     """
     for config_id in override:
-        if _known(parser, config_id):
+        if has_config_id(parser, config_id):
             continue
         parent = config_id.rpartition(ID_SEP)[0]
-        if parent and _known(parser, parent) and isinstance(parser[parent], Mapping) and "_target_" in parser[parent]:
+        if parent and has_config_id(parser, parent) and isinstance(parser[parent], Mapping) and "_target_" in parser[parent]:
             continue
         raise UnknownOverrideError(_unknown_message(parser, config_id))
 

@@ -15,15 +15,20 @@ def tiny_segresnet(out_channels: int = 3, in_channels: int = 1, seed: int = 0) -
     ).eval()
 
 
-def tiny_unet_bn(seed: int = 0, out_channels: int = 3, num_res_units: int = 2) -> nn.Module:
-    torch.manual_seed(seed)
-    net = UNet(3, 1, out_channels, channels=(4, 8, 16), strides=(2, 2), num_res_units=num_res_units, norm="batch").eval()
+def random_batchnorm_statistics(net: nn.Module, seed: int) -> nn.Module:
+    """Seeded running statistics in every BatchNorm3d (fresh ones are 0 and 1: folding them would be trivial)."""
     gen = torch.Generator().manual_seed(seed)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm3d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
     return net
+
+
+def tiny_unet_bn(seed: int = 0, out_channels: int = 3, num_res_units: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
+    net = UNet(3, 1, out_channels, channels=(4, 8, 16), strides=(2, 2), num_res_units=num_res_units, norm="batch").eval()
+    return random_batchnorm_statistics(net, seed)
 
 
 def tiny_basic_unet(seed: int = 0) -> nn.Module:

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.networks.nets import SegResNet, UNet
+from nets import random_batchnorm_statistics
 from torch import nn
 
 __all__ = ["spleen_like", "brats_like", "write_config", "SPLEEN_UNET", "BRATS_SEGRESNET"]
@@ -107,15 +108,6 @@ def _common_files(bundle: str, net: nn.Module, metadata: dict) -> None:
         f.write("synthetic data\n")
     with open(os.path.join(bundle, "large_files.yml"), "w") as f:
         f.write('large_files:\n- path: "models/model.pt"\n  url: "https://example.invalid/model.pt"\n')
-
-
-def _random_batchnorm_statistics(net: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return net
 
 
 # -- spleen_ct_segmentation ------------------------------------------------------------------------------------
@@ -349,7 +341,7 @@ def spleen_like(root: str, cases: int = 2, test_cases: int = 1, shape: tuple[int
     if train_steps:
         _train_briefly(net, data, cases, train_steps)
     else:
-        _random_batchnorm_statistics(net, seed)
+        random_batchnorm_statistics(net, seed)
     metadata = _metadata(
         "Spleen CT segmentation",
         _tensor_format(1, window, {"0": "image"}, "hounsfield", [0, 1]),

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..io import check_image_values
-from .configs import EVAL_PREPROCESSING_ID, INFERENCE_PREPROCESSING_ID, has_id, innermost_error, parsed_content
+from ..workflow import unwrap_config_error
+from .configs import EVAL_PREPROCESSING_ID, INFERENCE_PREPROCESSING_ID, has_id, parsed_content
 
 __all__ = [
     "MAX_DEFAULT_ROI",
@@ -122,7 +123,7 @@ def _preprocess(item: Mapping[str, Any], transform: Any, what: str) -> dict[str,
     try:
         out = transform(dict(item))
     except Exception as err:
-        cause = innermost_error(err)
+        cause = unwrap_config_error(err)
         raise ValueError(
             f"cannot preprocess the calibration item {dict(item)} with the bundle's {what}: "
             f"{type(cause).__name__}: {cause}"

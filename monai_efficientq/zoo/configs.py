@@ -15,6 +15,9 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from ..workflow import has_config_id as has_id
+from ..workflow import unwrap_config_error
+
 __all__ = [
     "QUANTIZED_CHECKPOINT",
     "LOADER_TARGET",
@@ -27,7 +30,6 @@ __all__ = [
     "has_id",
     "raw_config",
     "parsed_content",
-    "innermost_error",
     "target_name",
     "is_checkpoint_loader",
     "prediction_kind",
@@ -72,15 +74,6 @@ def bundle_parser(files: Sequence[str], meta_file: str | None, values: Mapping[s
     return parser
 
 
-def has_id(parser: Any, config_id: str) -> bool:
-    """Whether the parser's config has ``config_id``."""
-    try:
-        parser[config_id]
-    except (KeyError, IndexError, ValueError, TypeError):
-        return False
-    return True
-
-
 def raw_config(parser: Any, config_id: str) -> Any:
     """The raw config at ``config_id``, following ``@id`` and ``%id`` references."""
     value = parser[config_id]
@@ -91,19 +84,12 @@ def raw_config(parser: Any, config_id: str) -> Any:
     return value
 
 
-def innermost_error(err: BaseException) -> BaseException:
-    """The first cause of ``err`` (MONAI wraps config errors in ``RuntimeError("Failed to evaluate ...")``)."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
-
-
 def parsed_content(parser: Any, config_id: str, what: str) -> Any:
     """``parser.get_parsed_content(config_id)``, an error naming ``what`` and the innermost cause if it fails."""
     try:
         return parser.get_parsed_content(config_id)
     except Exception as err:
-        cause = innermost_error(err)
+        cause = unwrap_config_error(err)
         raise ValueError(f"cannot build the bundle's {what} ({config_id}): {type(cause).__name__}: {cause}") from err
 
 

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..workflow import unwrap_config_error
+
 from .configs import (
     EVAL_DATA_ID,
     EVALUATOR_ID,
     has_id,
-    innermost_error,
     is_checkpoint_loader,
     parsed_content,
     raw_config,
@@ -50,7 +51,7 @@ def evaluation_items(parser: Any, max_eval_volumes: int | None = None) -> list[d
     try:
         items = list(parser.get_parsed_content(EVAL_DATA_ID))
     except Exception as err:
-        cause = innermost_error(err)
+        cause = unwrap_config_error(err)
         raise ValueError(
             f"cannot read the bundle's evaluation data ({EVAL_DATA_ID}): {type(cause).__name__}: {cause}; pass "
             f"--dataset_dir where the data are, or --evaluate False with --calib IMAGE."
