@@ -510,3 +510,28 @@ def test_package_check_and_version():
                                                        "`pip install no-such-a no-such-b`"):
         zoo.check_bundle_packages({"required_packages_version": {"nibabel": "0", "no-such-a": "1", "no-such-b": "2"}})
     assert next_version("0.5.9") == "0.5.10" and next_version("1.2.3rc1") == "1.2.4"
+
+
+def test_own_bundle_with_a_common_config(tmp_path, capsys):
+    """The brain-tissue bundle of this repository layers its configs on configs/common.json and its inference config
+    already loads a packed checkpoint: the command quantizes it, and the new bundle's inference loads the new file."""
+    own = os.path.join(REPO, "bundles", "brain_tissue_mri_segmentation")
+    data = os.path.join(own, "data")
+    out = tmp_path / "brain_w2a2"
+    main(["quantize-bundle", own, str(out), "--weight_bits", "2", "--act_bits", "2", "--iterations", "2",
+          "--calib_augment", "0", "--holdout", "False", "--roi_size", "32", "--max_eval_volumes", "1",
+          "--calib", os.path.join(data, "calib", "calib_t1.nii.gz"), "--quiet", "--num_threads", "1"])
+    printed = capsys.readouterr().out
+    assert "  configs/common.json\n" in printed and "Dice mean" in printed
+    parser = ConfigParser()
+    parser.read_config([str(out / "configs" / "common.json"), str(out / "configs" / "inference.json")])
+    assert parser.get_parsed_content("ckpt_path", lazy=False).endswith("/model_quantized.pt")
+    readme = (out / "docs" / "README.md").read_text()
+    assert "--config_file \"['configs/common.json','configs/inference.json']\"" in readme
+    segs = tmp_path / "segs"
+    bundle_run(config_file=[str(out / "configs" / "common.json"), str(out / "configs" / "inference.json")],
+               bundle_root=str(out), dataset_dir=data, output_dir=str(segs), max_eval_volumes=1, logging_file=False,
+               num_threads=1)
+    written = sorted(os.listdir(segs))
+    assert written == ["case_000_t1_seg.nii.gz"]
+    assert nib.load(str(segs / written[0])).shape == nib.load(os.path.join(data, "eval", "case_000_t1.nii.gz")).shape

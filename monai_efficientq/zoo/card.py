@@ -251,18 +251,19 @@ def quantized_readme(metadata: Mapping[str, Any], summary: QuantizationSummary, 
         "```bash",
     ]
     files = summary.config_files
+    def config_list(*names: str) -> str:
+        return _config_list([f"configs/{files[n]}" for n in ("common", *names) if n in files])
+
     if "inference" in files:
-        lines.append(f"python -m monai.bundle run --config_file configs/{files['inference']}")
+        lines.append(f"python -m monai.bundle run --config_file {config_list('inference')}")
     if "evaluate" in files:
-        layers = [f"configs/{files[n]}" for n in ("train", "evaluate") if n in files]
-        lines.append(f"python -m monai.bundle run --config_file {_config_list(layers)}")
+        lines.append(f"python -m monai.bundle run --config_file {config_list('train', 'evaluate')}")
     if "multi_gpu_evaluate" in files:
-        layers = [f"configs/{files[n]}" for n in ("train", "evaluate", "multi_gpu_evaluate") if n in files]
         lines.append(f"torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run --config_file "
-                     f"{_config_list(layers)}   # evaluation on 2 GPUs")
+                     f"{config_list('train', 'evaluate', 'multi_gpu_evaluate')}   # evaluation on 2 GPUs")
     if "inference" in files:
         lines.append(
-            f"python -m monai.bundle run export --config_file configs/{files['inference']}   "
+            f"python -m monai.bundle run export --config_file {config_list('inference')}   "
             f"# TorchScript: models/model_quantized.ts"
         )
     lines += [

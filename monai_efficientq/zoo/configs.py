@@ -173,6 +173,11 @@ def _quantized_loader(loader: Mapping[str, Any]) -> dict[str, Any]:
     return new
 
 
+def loads_packed_checkpoint(config: Any) -> bool:
+    """Whether ``config`` already has a :class:`~monai_efficientq.handlers.QuantizedCheckpointLoader` entry."""
+    return any(isinstance(item, Mapping) and item.get("_target_") == LOADER_TARGET for item in _walk(config))
+
+
 def quantized_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
     """A bundle config that loads the packed checkpoint instead of the float one.
 

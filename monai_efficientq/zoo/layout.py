@@ -20,8 +20,10 @@ __all__ = [
 
 FLOAT_CHECKPOINT = "model.pt"
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-CONFIG_NAMES = ("train", "evaluate", "inference")
-EVALUATION_ORDER = ("train", "evaluate")  # the zoo's evaluate config layers on train
+CONFIG_NAMES = ("common", "train", "evaluate", "inference")
+EVALUATION_ORDER = ("common", "train", "evaluate")  # the zoo's evaluate config layers on train
+# ``common``: ids shared by every config of a bundle that layers its configs on one (as this package's own
+# brain-tissue bundle does); it comes first in every list of configs.
 
 
 class MissingPackagesError(ImportError):
@@ -36,8 +38,8 @@ class BundleLayout:
         root: the bundle folder (absolute).
         metadata: ``configs/metadata.json``.
         checkpoint: the float checkpoint ``models/model.pt``.
-        configs: ``{"train" | "evaluate" | "inference": path}`` of the configs found (``.json``, ``.yaml`` or
-            ``.yml``).
+        configs: ``{"common" | "train" | "evaluate" | "inference": path}`` of the configs found (``.json``,
+            ``.yaml`` or ``.yml``).
     """
 
     root: str
@@ -76,8 +78,18 @@ class BundleLayout:
 
     @property
     def evaluation_files(self) -> list[str]:
-        """The configs that define ``validate#...``, in the order the zoo merges them (``evaluate`` on ``train``)."""
+        """The configs that define ``validate#...``, in the order the zoo merges them (``evaluate`` on ``train``,
+        both on ``common`` if the bundle has one); none without a ``train`` or ``evaluate`` config."""
+        if "train" not in self.configs and "evaluate" not in self.configs:
+            return []
         return [self.configs[name] for name in EVALUATION_ORDER if name in self.configs]
+
+    @property
+    def inference_files(self) -> list[str]:
+        """The inference config (on ``common`` if the bundle has one); none without an inference config."""
+        if "inference" not in self.configs:
+            return []
+        return [self.configs[name] for name in ("common", "inference") if name in self.configs]
 
     def read_metadata(self) -> dict[str, Any]:
         """The bundle's ``metadata.json``."""

@@ -15,7 +15,9 @@ import torch
 from ..config import EfficientQConfig
 from ..io import load_float_weights
 from .calibration import calibration_item, missing_files, prepare_calibration
-from .configs import bundle_parser, inferer_roi, parsed_content, prediction_kind, quantized_config, read_config
+from .configs import (
+    bundle_parser, inferer_roi, loads_packed_checkpoint, parsed_content, prediction_kind, quantized_config, read_config,
+)
 from .evaluation import BundleEvaluation, evaluation_items
 from .layout import BundleLayout, check_bundle_packages, check_out_dir
 from .writer import RunOutcome, write_bundle
@@ -73,13 +75,15 @@ def _efficientq_config(config: EfficientQConfig | Mapping[str, Any] | None, kind
 
 
 def _rewritten_configs(layout: BundleLayout) -> dict[str, dict[str, Any]]:
-    """``{name: config}`` of the quantized bundle's inference and evaluate configs."""
+    """``{name: config}`` of the quantized bundle's inference and evaluate configs (and its ``common`` config, whose
+    checkpoint paths name the packed checkpoint too). An inference config that already loads a packed checkpoint
+    with :class:`~monai_efficientq.handlers.QuantizedCheckpointLoader` is kept as it is."""
     rewritten = {}
-    for name in ("inference", "evaluate"):
+    for name in ("common", "inference", "evaluate"):
         if name not in layout.configs:
             continue
         new, loaders = quantized_config(read_config(layout.configs[name]))
-        if name == "inference" and loaders == 0:
+        if name == "inference" and loaders == 0 and not loads_packed_checkpoint(new):
             raise ValueError(
                 f"{layout.configs[name]} loads its weights without a MONAI CheckpointLoader: the quantized bundle "
                 f"needs one to replace (by monai_efficientq.handlers.QuantizedCheckpointLoader)."
@@ -164,8 +168,8 @@ def _plan(
     values = _run_values(layout, dataset_dir, device, workdir)
     files = layout.evaluation_files
     evaluation_parser = bundle_parser(files, layout.metadata, values) if files else None
-    inference = layout.configs.get("inference")
-    inference_parser = bundle_parser([inference], layout.metadata, values) if inference else None
+    inference = layout.inference_files
+    inference_parser = bundle_parser(inference, layout.metadata, values) if inference else None
     parsers = [p for p in (evaluation_parser, inference_parser) if p is not None]
     _apply_overrides(parsers, overrides)
     cfg = _efficientq_config(config, prediction_kind(parsers))
