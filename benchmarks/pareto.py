@@ -14,6 +14,12 @@ Usage (defaults: the brain-tissue bundle's SegResNet, its calibration volume and
     python benchmarks/pareto.py run --calib_roi 32 --max_eval_cases 1 --iterations 20 --widths 2,3 \\
         --budgets_at 2,3 --out /tmp/pareto_smoke.json                     # a quick smoke run
 
+With ``--brevitas brevitas_gptq`` (any of ``compare.py``'s Brevitas methods, comma-separated) each uniform width also
+gets that Brevitas row, run at the same setting (inner layers at that width, first/last W8, same calibration batch,
+same evaluator). Brevitas ships a float state dict (its ``brevitas_file_bytes``); its row is placed at the packed
+size of the same widths in our format (the uniform row's ``packed_bytes``: the same integer codes and per-channel
+scales), which is what its quantized weights would take if packed.
+
 Writes the JSON (``{"meta", "rows"}``, rewritten after every row), a Markdown table beside it and a PNG (mean Dice
 against packed KiB). Other flags are those of ``compare.py run`` (:class:`benchmarks.config.CompareConfig`), e.g.
 ``--network``, ``--checkpoint``, ``--eval_datalist``, ``--roi_size``, ``--eq_options``.
@@ -33,13 +39,14 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/pareto.py): im
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.config import CompareConfig, as_list, spatial_size  # noqa: E402
+from benchmarks.config import CompareConfig, Setting, as_list, spatial_size  # noqa: E402
 from benchmarks.data import load_float_network, load_run_data  # noqa: E402
 from benchmarks.evaluation import Evaluator  # noqa: E402
 from benchmarks.measure import Stopwatch  # noqa: E402
 from benchmarks.networks import BUNDLE_DATA, BUNDLE_MODEL, BUNDLE_SEGRESNET  # noqa: E402
 from benchmarks.report import fmt, write_text  # noqa: E402
 from benchmarks.runner import run_meta  # noqa: E402
+from benchmarks.methods import Calibration, ready_method  # noqa: E402
 from benchmarks.plan import float_plan  # noqa: E402
 from monai_efficientq import EfficientQConfig, quantize_network  # noqa: E402
 
@@ -111,8 +118,30 @@ def _counts(table: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _brevitas_row(method_name: str, net: nn.Module, calib: Calibration, bits: int, cfg: CompareConfig,
+                  evaluator: Evaluator, uniform: dict[str, Any]) -> dict[str, Any]:
+    """A Brevitas method at uniform ``W<bits>`` (first/last W8 as ours), placed at the uniform row's packed size."""
+    import tempfile
+
+    method = ready_method(method_name)
+    qnet, info = method.quantize(net, calib, Setting(f"W{bits}", bits, None), cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "brevitas.pt")
+        method.save(qnet, path)
+        file_bytes = os.path.getsize(path)
+    row: dict[str, Any] = {"name": f"{method_name} W{bits}", "kind": "brevitas", "method": method_name, "bits": bits,
+                           "packed_bytes": uniform["packed_bytes"], "brevitas_file_bytes": file_bytes,
+                           "quant_seconds": info["quant_seconds"],
+                           "layers_optimised": f"{info['layers_optimised']}/{info['layers_total']}"}
+    row.update(evaluator.evaluate(qnet)[0])
+    row["status"] = "ok"
+    row["dice_gain_vs_uniform"] = _gain(row, uniform)
+    logger.info("%s: mean Dice %s, %.1f s", row["name"], fmt(row.get("mean_dice")), row["quant_seconds"])
+    return row
+
+
 def run(widths: Any = "2,3,4", budgets_at: Any = "2,3", bits_choices: Any = "2,3,4,8;1,2,3,4,8", plot: bool = True,
-        **flags: Any) -> dict[str, Any]:
+        brevitas: Any = "", **flags: Any) -> dict[str, Any]:
     """Uniform and mixed rows on one network; writes ``--out`` (JSON), its Markdown and (``plot``) its PNG.
 
     Args:
@@ -120,6 +149,7 @@ def run(widths: Any = "2,3,4", budgets_at: Any = "2,3", bits_choices: Any = "2,3
         budgets_at: the uniform widths whose packed size is a mixed row's budget.
         bits_choices: the width sets of the mixed rows, ``;``-separated (``"2,3,4,8;1,2,3,4,8"``).
         plot: write the PNG.
+        brevitas: Brevitas methods (``compare.py`` names, comma-separated) run at every uniform width.
         flags: the fields of :class:`benchmarks.config.CompareConfig`; the bundle SegResNet's by default.
 
     Returns:
@@ -132,12 +162,17 @@ def run(widths: Any = "2,3,4", budgets_at: Any = "2,3", bits_choices: Any = "2,3
         raise ValueError(f"--budgets_at {missing}: each budget is a uniform row's size; add them to --widths.")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    brevitas_methods = as_list(brevitas)
+    for name in brevitas_methods:
+        ready_method(name)  # unknown names and a missing Brevitas fail before any work
     net, data = load_float_network(cfg).eval().cpu(), load_run_data(cfg)
     device = torch.device(cfg.device)
     evaluator = Evaluator(data.cases, _roi(cfg, data), cfg.overlap, cfg.sw_batch_size, cfg.prediction,
                           data.class_names, cfg.device)
-    meta = run_meta(cfg, net, data, float_plan(net, data.calibration.image, fold_bn=True), "")
-    meta.update({"widths": uniform, "budgets_at": budgets, "bits_choices": [list(s) for s in sets]})
+    plan = float_plan(net, data.calibration.image, fold_bn=True)
+    meta = run_meta(cfg, net, data, plan, "")
+    meta.update({"widths": uniform, "budgets_at": budgets, "bits_choices": [list(s) for s in sets],
+                 "brevitas": brevitas_methods})
     results: dict[str, Any] = {"meta": meta, "rows": []}
     scores, predictions = evaluator.evaluate(net)
     evaluator.set_reference(predictions)
@@ -151,6 +186,12 @@ def run(widths: Any = "2,3,4", budgets_at: Any = "2,3", bits_choices: Any = "2,3
         sizes[b] = row
         results["rows"].append(row)
         _write(results, cfg.out)
+    brevitas_calib = Calibration(data.calibration.image, data.calibration.label,
+                                 plan if cfg.brevitas_fold_bn else float_plan(net, data.calibration.image, False))
+    for name in brevitas_methods:
+        for b in uniform:
+            results["rows"].append(_brevitas_row(name, net, brevitas_calib, b, cfg, evaluator, sizes[b]))
+            _write(results, cfg.out)
     for choices in sets:
         for b in budgets:
             name = f"mixed {{{','.join(map(str, choices))}}} at W{b} size"
@@ -203,10 +244,16 @@ def to_markdown(results: dict[str, Any]) -> str:
         status = "ok" if r.get("status") == "ok" else str(r.get("status")).replace("|", "/")[:160]
         cells = [r["name"], str(r.get("packed_bytes"))] + [fmt((r.get("dice") or {}).get(c)) for c in classes] + [
             fmt(r.get("mean_dice")), fmt(r.get("dice_gain_vs_uniform")), fmt(r.get("quant_seconds"), 1),
-            fmt(r.get("time_ratio"), 2), ", ".join(f"{k}: {v}" for k, v in (r.get("width_counts") or {}).items()),
-            status]
+            fmt(r.get("time_ratio"), 2), _widths_cell(r), status]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _widths_cell(row: dict[str, Any]) -> str:
+    """The widths chosen (mixed rows), or what a Brevitas row ships instead of a packed file."""
+    if row.get("kind") == "brevitas":
+        return f"ships a {row.get('brevitas_file_bytes')}-byte float state dict; layers optimised {row.get('layers_optimised')}"
+    return ", ".join(f"{k}: {v}" for k, v in (row.get("width_counts") or {}).items())
 
 
 def plot_pareto(results: dict[str, Any], out: str) -> str:
@@ -228,6 +275,11 @@ def plot_pareto(results: dict[str, Any], out: str) -> str:
                      if r["kind"] == "mixed" and tuple(r["bits_choices"]) == choices)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "D--", color=f"C{i + 3}",
                 label="mixed {" + ",".join(map(str, choices)) + "}")
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["kind"] == "brevitas"))
+    for i, method in enumerate(methods):
+        pts = sorted((r["packed_bytes"] / 1024, r["mean_dice"]) for r in rows
+                     if r["kind"] == "brevitas" and r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s:", color=f"C{i}", label=f"{method} (at its packed size)")
     float_row = next((r for r in rows if r["kind"] == "float"), None)
     if float_row is not None:
         ax.axhline(float_row["mean_dice"], color="black", ls=":", lw=1, label="float")

@@ -22,10 +22,13 @@ def test_table_and_plot_of_a_results_file(tmp_path):
         {"name": "mixed {1,2} at W2 size", "kind": "mixed", "bits_choices": [1, 2], "packed_bytes": 299,
          "mean_dice": 0.84, "status": "ok", "dice_gain_vs_uniform": 0.01, "width_counts": {"W1": 2, "W2": 3}},
         {"name": "mixed {2,3} at W2 size", "kind": "mixed", "bits_choices": [2, 3], "status": "not run: too small"},
+        {"name": "brevitas_gptq W2", "kind": "brevitas", "method": "brevitas_gptq", "bits": 2, "packed_bytes": 300,
+         "brevitas_file_bytes": 9000, "mean_dice": 0.7, "status": "ok", "layers_optimised": "3/3"},
     ]
     results = {"meta": {"network": "Net"}, "rows": rows}
     text = to_markdown(results)
     assert "| mixed {1,2} at W2 size | 299 |" in text and "W1: 2, W2: 3" in text and "not run: too small" in text
+    assert "| brevitas_gptq W2 | 300 |" in text and "9000-byte float state dict" in text
     png = plot_pareto(results, str(tmp_path / "p.png"))
     with open(png, "rb") as f:
         assert f.read(4) == b"\x89PNG"
