@@ -104,6 +104,7 @@ class AttentionMaps:
                 self.weights = self.weights.floor()
         self.integer = integer
         self.spatial_dims = (self.scores if self.scores is not None else self.weight_map).dim() - 2
+        self._maps: dict[tuple[int, ...], torch.Tensor] = {}  # by spatial shape: many layers share a resolution
 
     def full_resolution(self) -> torch.Tensor:
         """The voxel map at the scores' own resolution ``(N, *S)``."""
@@ -112,11 +113,18 @@ class AttentionMaps:
 
     def for_shape(self, batch: int, spatial: Sequence[int]) -> torch.Tensor | None:
         """The map ``(N, *spatial)`` for a layer output of that shape, or ``None`` when it does not apply
-        (a different number of spatial dims or batch size: such a layer is weighted uniformly)."""
+        (a different number of spatial dims or batch size: such a layer is weighted uniformly). Each resolution's
+        map is computed once and shared by every layer of that output size (callers must not change it in place)."""
         spatial = tuple(int(s) for s in spatial)
         ref = self.scores if self.scores is not None else self.weight_map
         if len(spatial) != self.spatial_dims or batch != ref.shape[0]:
             return None
+        if spatial not in self._maps:
+            self._maps[spatial] = self._map_at(spatial)
+        return self._maps[spatial]
+
+    def _map_at(self, spatial: tuple[int, ...]) -> torch.Tensor:
+        """The map pooled to ``spatial`` (see :meth:`for_shape`)."""
         if self.weight_map is not None:
             w = _ADAPTIVE_AVG[len(spatial)](self.weight_map, spatial)[:, 0].double()
         else:

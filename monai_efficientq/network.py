@@ -221,7 +221,7 @@ class _QuantizingRun:
         h_map = self._attention_map(layer, y)
         act_quant, xq = self._quantized_input(layer, x, y, h_map, act_bits)
         sol = self._solve_weights(layer, xq, y, h_map, weight_bits)
-        del y
+        del xq
         with self.timer("forward"):
             q_bias = sol.bias.reshape(-1).to(layer.weight.dtype) if sol.bias is not None else None
             qlayer = build_quantized(
@@ -230,6 +230,10 @@ class _QuantizingRun:
             )
             self.quantized[name] = qlayer
             out = qlayer(x)
+        if math.isnan(sol.error):  # measured on the quantized layer's own output: no second forward
+            with self.timer("errors"):
+                sol = self._with_output_errors(sol, out, y, h_map)
+        del y
         self._record(name, layer, sol, weight_bits, act_quant, act_bits, time.perf_counter() - t0, before)
         return out
 
@@ -307,9 +311,11 @@ class _QuantizingRun:
             h = h_map.reshape(-1).to(self.device) if h_map is not None else None
             self._stream(solver, layer, xq, y, h)
         sol = solver.solve(attention_mean=float(h.mean()) if h is not None else 1.0)
-        if math.isnan(sol.error):  # unweighted errors, measured directly by the layer's forward
+        if math.isnan(sol.rtn_error):  # round-to-nearest's unweighted error, by a direct forward of the layer
             with self.timer("errors"):
-                sol = self._with_unweighted_errors(sol, layer, xq, y)
+                fit = self._fitted_rows(y)
+                rtn_error = _relative_errors(layer, xq[fit], sol.rtn_weight, layer.bias, y[fit].to(self.device))[0]
+                sol = dataclasses.replace(sol, rtn_error=rtn_error)
         return sol
 
     def _stream(
@@ -326,25 +332,28 @@ class _QuantizingRun:
     def _round_to_nearest(
         self, solver: LayerSolver, layer: nn.Module, xq: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None
     ) -> LayerSolution:
-        """Round-to-nearest weights, their errors by a direct forward (no statistics needed)."""
+        """Round-to-nearest weights (no statistics needed); their errors come from the quantized layer's output."""
         with self.timer("scale_fit"):
-            sol = solver.round_to_nearest()
-        with self.timer("errors"):
-            error, error_weighted = _relative_errors(layer, xq, sol.weight, sol.bias, y.to(self.device), h_map)
-        return dataclasses.replace(
-            sol, error=error, error_weighted=error_weighted, rtn_error=error, rtn_error_weighted=error_weighted
-        )
+            return solver.round_to_nearest()
 
-    def _with_unweighted_errors(
-        self, sol: LayerSolution, layer: nn.Module, xq: torch.Tensor, y: torch.Tensor
-    ) -> LayerSolution:
-        """``sol`` with its unweighted errors (and round-to-nearest's) measured on the fitted volumes."""
+    def _fitted_rows(self, y: torch.Tensor) -> slice:
+        """The entries of the leading dimension of ``y`` that were fitted (all but a held-out last volume)."""
         rows = self._rows_per_volume(y)
-        fit = slice(0, y.shape[0] - rows if self.holdout and rows is not None else y.shape[0])
-        y_fit = y[fit].to(self.device)
-        error = _relative_errors(layer, xq[fit], sol.weight, sol.bias, y_fit)[0]
-        rtn_error = _relative_errors(layer, xq[fit], sol.rtn_weight, layer.bias, y_fit)[0]
-        return dataclasses.replace(sol, error=error, rtn_error=rtn_error)
+        return slice(0, y.shape[0] - rows if self.holdout and rows is not None else y.shape[0])
+
+    def _with_output_errors(
+        self, sol: LayerSolution, out: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None
+    ) -> LayerSolution:
+        """``sol`` with the errors its statistics could not give, from the quantized layer's output ``out``: for
+        round-to-nearest both errors on every volume (they are also round-to-nearest's), otherwise the unweighted
+        error on the fitted volumes."""
+        if sol.solver == "rtn":
+            error, error_weighted = _output_errors(out, y.to(out.device), h_map)
+            return dataclasses.replace(
+                sol, error=error, error_weighted=error_weighted, rtn_error=error, rtn_error_weighted=error_weighted
+            )
+        fit = self._fitted_rows(y)
+        return dataclasses.replace(sol, error=_output_errors(out[fit], y[fit].to(out.device))[0])
 
     def _record(
         self, name: str, layer: nn.Module, sol: LayerSolution, weight_bits: int, act_quant: ActQuantizer | None,
@@ -441,13 +450,22 @@ def _relative_errors(
     equivalent-convolution layout."""
     w = matrix_to_weight(layer, weight.to(layer.weight.dtype))
     b = bias.reshape(-1).to(layer.weight.dtype) if bias is not None else None
-    out = layer_forward(layer, xq.to(y.device), w, b)
-    e2, y2 = (out - y).double().pow(2), y.double().pow(2)
-    unweighted = float(e2.sum() / y2.sum().clamp_min(1e-300))
+    return _output_errors(layer_forward(layer, xq.to(y.device), w, b), y, h_map, in_place=True)
+
+
+def _output_errors(
+    out: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None = None, in_place: bool = False
+) -> tuple[float, float]:
+    """``‖out − y‖² / ‖y‖²``, unweighted and weighted by ``h_map`` (as :func:`_relative_errors`); squares in
+    ``y``'s dtype, summed in float64. ``in_place``: ``out`` may be overwritten."""
+    e2 = (out.sub_(y) if in_place else out - y).pow_(2)
+    y2 = y * y
+    unweighted = float(e2.sum(dtype=torch.float64)) / max(float(y2.sum(dtype=torch.float64)), 1e-300)
     if h_map is None:
         return unweighted, unweighted
-    h = h_map.to(y.device, torch.float64).unsqueeze(1)
-    return unweighted, float((e2 * h).sum() / (y2 * h).sum().clamp_min(1e-300))
+    h = h_map.to(y.device, y.dtype).unsqueeze(1)
+    weighted = float(e2.mul_(h).sum(dtype=torch.float64)) / max(float(y2.mul_(h).sum(dtype=torch.float64)), 1e-300)
+    return unweighted, weighted
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
