@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EfficientQConfig", "PRESETS", "SUPPORTED_BITS", "parse_size_budget"]
+__all__ = ["EfficientQConfig", "PRESETS", "RUNTIME_ONLY", "SUPPORTED_BITS", "parse_size_budget"]
 
 SUPPORTED_BITS = range(2, 9)
 #: Widths a size-budgeted run may give a layer's weights (1 bit: the no-zero grid's two levels ``{-a, a}``).
@@ -27,6 +27,11 @@ CLASS_WEIGHT_MODES = ("real", "integer")
 
 # Choices that differ between the faithful reproduction of the published code ("original") and ours
 # ("default"). Everything else is shared.
+#: Settings that change how a run goes but not what it computes (the codes are bit-identical either way): they
+#: stay out of the config stored in a packed checkpoint, so they change neither its bytes nor, under a size budget,
+#: the widths chosen.
+RUNTIME_ONLY: tuple[str, ...] = ("progress", "target_device")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "original": {
         "weight_scale": "tensor",
@@ -360,6 +365,12 @@ class EfficientQConfig:
         return EfficientQConfig(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings that run, presets resolved, as a dict of primitives (for reports and checkpoints):
+        """The settings that run, presets resolved, as a dict of primitives (for reports):
         ``EfficientQConfig(**config.to_dict())`` gives the same run."""
         return dataclasses.asdict(self)
+
+    def stored_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the :data:`RUNTIME_ONLY` settings: what a packed checkpoint stores, so runs that
+        compute the same codes write the same bytes. ``EfficientQConfig(**config.stored_dict())`` computes the
+        same codes."""
+        return {key: value for key, value in self.to_dict().items() if key not in RUNTIME_ONLY}

@@ -632,7 +632,7 @@ def _quantize_with_targets(
         body = (x != 0).any(dim=1) if x.dim() >= 3 else None
         attention = _attention(cfg, float_out, x, body, label, attention_map)
     edges = _edges(net, x, {n: layers[n] for n in recorder.order}, cfg, timer, log)
-    info = QuantizedNetInfo([list(p) for p in pairs], cfg.to_dict())
+    info = QuantizedNetInfo([list(p) for p in pairs], cfg.stored_dict())
     allocation = _allocate(
         net, x, layers, recorder, attention, edges, cfg, float_bytes, info, given_volumes, timer, log
     )

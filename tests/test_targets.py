@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from monai_efficientq import EfficientQConfig, LayerCalledTwiceError, quantize_network
+from monai_efficientq.checkpoint import read_packed, save_quantized
 from monai_efficientq.targets import TargetStore
 from tests.nets import tiny_unet_bn
 
@@ -52,6 +53,24 @@ def test_disk_targets_give_the_same_quantized_network():
     assert [r.error for r in rep_mem.layers] == [r.error for r in rep_disk.layers]
     x = torch.randn(1, 1, 16, 16, 16)
     assert torch.equal(q_mem(x), q_disk(x))
+
+
+def test_runtime_only_settings_do_not_change_the_packed_bytes(tmp_path):
+    """Where the targets wait and whether a progress bar shows are not stored: same codes, same bytes (and so, under
+    a size budget, the same widths)."""
+    torch.manual_seed(0)
+    net = tiny_unet_bn().eval()
+    calib = torch.randn(1, 16, 16, 16)
+    settings = {"weight_bits": 2, "iterations": 4, "calib_augment": 1}
+    paths = []
+    for i, extra in enumerate(({"progress": False}, {"progress": True, "target_device": "disk"})):
+        qnet, _ = quantize_network(net, calib, EfficientQConfig(**settings, **extra))
+        paths.append(str(tmp_path / f"q{i}.pt"))
+        save_quantized(qnet, paths[-1])
+    with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
+        assert a.read() == b.read()
+    stored = read_packed(paths[0])["config"]
+    assert "target_device" not in stored and "progress" not in stored and stored["weight_bits"] == 2
 
 
 class _SharedConv(torch.nn.Module):
