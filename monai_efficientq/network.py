@@ -293,11 +293,19 @@ class _QuantizingRun:
         """A solver for ``layer``'s weights (in equivalent-convolution layout) and its output ``y``."""
         w_mat = weight_matrix(layer).detach()
         bias = layer.bias.detach().reshape(w_mat.shape[:2]) if layer.bias is not None else None
+        num_columns = num_output_voxels(layer, y)
+        held_from = self._held_out_from(y, num_columns)
         return LayerSolver(
             w_mat.to(self.device), bias.to(self.device) if bias is not None else None,
             UniformGrid(weight_bits, self.cfg.weight_grid), self.cfg.weight_scale == "channel", self.settings,
-            num_output_voxels(layer, y), self.dtype, self.timer,
+            num_columns, self.dtype, self.timer, held_out_columns=num_columns - (held_from or num_columns),
         )
+
+    def _held_out_from(self, y: torch.Tensor, num_columns: int) -> int | None:
+        """The first held-out output column of a layer with output ``y`` (``num_columns`` columns, volume by
+        volume), or ``None`` when nothing is held out."""
+        split = self.holdout and self._rows_per_volume(y) is not None  # columns run volume by volume
+        return num_columns - num_columns // self.volumes if split else None
 
     def _solve_weights(
         self, layer: nn.Module, xq: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None, weight_bits: int
@@ -323,8 +331,7 @@ class _QuantizingRun:
     ) -> None:
         """Stream the layer's im2col columns into ``solver``; with ``holdout``, the last volume's are held out."""
         y_mat = output_matrix(layer, y)
-        split = self.holdout and self._rows_per_volume(y) is not None  # columns run volume by volume
-        held_from = y_mat.shape[-1] - y_mat.shape[-1] // self.volumes if split else None
+        held_from = self._held_out_from(y, y_mat.shape[-1])
         for cols, patches in input_patches(layer, xq.to(self.device), self.cfg.chunk_bytes, xq.dtype):
             for part, piece, held in _split_columns(cols, patches, held_from):
                 solver.add(piece, y_mat[..., part].to(self.device), h[part] if h is not None else None, held)

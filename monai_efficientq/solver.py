@@ -355,9 +355,9 @@ _STRATEGIES: dict[str, type[_Statistics]] = {
 
 
 def _choose_strategy(requested: str, num_columns: int, k1: int, eta_factor: float, has_bias: bool) -> str:
-    """The solver strategy: ``requested``, or for ``"auto"`` the cheaper V-step (P columns through Woodbury,
-    or the dense ``K×K`` inverse); never Woodbury when ``η = 0`` with a bias (the diagonal part would be
-    singular at the bias position)."""
+    """The solver strategy: ``requested``, or for ``"auto"`` the cheaper V-step (the ``P = num_columns`` fitted
+    columns through Woodbury, or the dense ``K×K`` inverse); never Woodbury when ``η = 0`` with a bias (the
+    diagonal part would be singular at the bias position)."""
     mode = requested
     if mode == "auto":
         mode = "woodbury" if _woodbury_is_cheaper(num_columns, k1) else "cholesky"
@@ -472,6 +472,8 @@ class LayerSolver:
         num_columns: ``P``, the number of output voxels that will be streamed in.
         dtype: dtype of the statistics and iterates.
         timer: where the seconds of each phase are added (``scale_fit``, ``admm_*``, ``errors``).
+        held_out_columns: how many of the ``num_columns`` will arrive ``held_out``: they only rank iterates, so
+            the solver strategy (dense inverse or Woodbury) is chosen for the fitted ones alone.
     """
 
     def __init__(
@@ -484,6 +486,7 @@ class LayerSolver:
         num_columns: int,
         dtype: torch.dtype = torch.float64,
         timer: PhaseTimer | None = None,
+        held_out_columns: int = 0,
     ) -> None:
         self.timer = timer if timer is not None else PhaseTimer()
         self.w0 = weight.detach().to(dtype)
@@ -495,7 +498,8 @@ class LayerSolver:
         self.dtype = dtype
         self.num_columns = num_columns
         self.k1 = self.w0.shape[-1] + int(self.has_bias)
-        self.mode = _choose_strategy(settings.solver, num_columns, self.k1, settings.eta_factor, self.has_bias)
+        fitted_columns = num_columns - held_out_columns
+        self.mode = _choose_strategy(settings.solver, fitted_columns, self.k1, settings.eta_factor, self.has_bias)
         self.statistics = self._new_statistics()
         self.held: _GramTerms | _ColumnTerms | None = None  # held-out columns: rank the iterates, never fitted
         self._moments = _TargetMoments()

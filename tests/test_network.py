@@ -352,3 +352,16 @@ def test_folding_that_changes_the_output_is_undone(monkeypatch):
     assert report.folded_batchnorm == [] and n_bn > 0
     assert sum(isinstance(m, nn.BatchNorm3d) for m in qnet.modules()) == n_bn
     assert _rel_err(net, qnet, x) < 0.1
+
+
+def test_held_out_volume_does_not_count_towards_the_solver_choice():
+    """A wide layer on a small volume: 3 × 64 output voxels would take the dense K×K inverse (K = 433), the 128
+    fitted ones take Woodbury; the held-out 64 only rank the iterates."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 16, 1), nn.ReLU(), nn.Conv3d(16, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1))
+    x = torch.randn(1, 1, 4, 4, 4)
+    _, report = _quantize(net, x, weight_bits=2, iterations=3, calib_augment=2, holdout=True, prediction="softmax")
+    wide = next(r for r in report.layers if r.name == "2")
+    assert wide.solver == "woodbury" and wide.held_out_error is not None
+    _, report = _quantize(net, x, weight_bits=2, iterations=3, calib_augment=2, holdout=False, prediction="softmax")
+    assert next(r for r in report.layers if r.name == "2").solver == "cholesky"

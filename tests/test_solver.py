@@ -342,3 +342,13 @@ def test_float32_solve_dtype_keeps_its_iterates_in_float32(size, c_in):
     assert sol32.weight.dtype == torch.float32 and sol32.bias.dtype == torch.float32
     assert sol32.error_weighted == pytest.approx(sol64.error_weighted, rel=1e-2)
     assert sol32.held_out_error == pytest.approx(sol64.held_out_error, rel=1e-2)
+
+
+def test_the_strategy_is_chosen_for_the_fitted_columns_alone():
+    """Held-out columns never enter the V-step: 30 fitted columns of K = 100 unknowns take Woodbury even when 30
+    more arrive held out (60 columns in all would take the dense inverse)."""
+    w = torch.randn(1, 4, 99, dtype=torch.float64)
+    b = torch.zeros(1, 4, dtype=torch.float64)
+    assert LayerSolver(w, b, UniformGrid(2, "nozero"), True, SolverSettings(), 60).mode == "cholesky"
+    solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, SolverSettings(), 60, held_out_columns=30)
+    assert solver.mode == "woodbury"
