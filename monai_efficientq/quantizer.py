@@ -290,7 +290,9 @@ class ActQuantizer(nn.Module):
         if torch.jit.is_scripting() or x.requires_grad:
             k = torch.clamp(torch.round((x - offset) / step), 0, self.num_levels - 1)
             return k * step + offset
-        # the same operations on one buffer (a layer's whole input: memory-bound)
+        # the same operations on one buffer (a layer's whole input: memory-bound); an unsigned grid has offset 0
+        if not self.signed:
+            return x.div(step).round_().clamp_(0, self.num_levels - 1).mul_(step)
         return (x - offset).div_(step).round_().clamp_(0, self.num_levels - 1).mul_(step).add_(offset)
 
     def extra_repr(self) -> str:
