@@ -25,13 +25,13 @@ SOLVERS = ("auto", "cholesky", "woodbury", "naive")
 RHO_SCHEDULES = ("after", "before")
 CLASS_WEIGHT_MODES = ("real", "integer")
 
-# Choices that differ between the faithful reproduction of the published code ("original") and ours
-# ("default"). Everything else is shared.
 #: Settings that change how a run goes but not what it computes (the codes are bit-identical either way): they
 #: stay out of the config stored in a packed checkpoint, so they change neither its bytes nor, under a size budget,
 #: the widths chosen.
 RUNTIME_ONLY: tuple[str, ...] = ("progress", "target_device")
 
+# Choices that differ between the faithful reproduction of the published code ("original") and ours
+# ("default"). Everything else is shared.
 PRESETS: dict[str, dict[str, Any]] = {
     "original": {
         "weight_scale": "tensor",

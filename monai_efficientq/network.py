@@ -354,7 +354,7 @@ class _QuantizingRun:
         """``sol`` with the errors its statistics could not give, from the quantized layer's output ``out``: for
         round-to-nearest both errors on every volume (they are also round-to-nearest's), otherwise the unweighted
         error on the fitted volumes."""
-        if sol.solver == "rtn":
+        if self.cfg.method == "rtn":
             error, error_weighted = _output_errors(out, y.to(out.device), h_map)
             return dataclasses.replace(
                 sol, error=error, error_weighted=error_weighted, rtn_error=error, rtn_error_weighted=error_weighted
