@@ -184,9 +184,18 @@ class _ColumnTerms:
     def yy_unweighted(self) -> float:
         return float(sum(float((y * y).sum(dtype=torch.float64)) for _, y, _ in self.columns))
 
-    def scaled_columns(self) -> torch.Tensor:
-        """``[X₁·√(2H₁), X₂·√(2H₂), …]``: the columns whose outer products sum to ``2A``."""
-        return torch.cat([x * math.sqrt(2) if h is None else x * (2 * h).sqrt() for x, _, h in self.columns], dim=-1)
+    def joined(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All columns as one ``X`` (``(groups, K, P)``) and their weights ``H`` (``None``: all ones). The chunks are
+        replaced by the joined matrix, so it is held once."""
+        if len(self.columns) > 1:
+            xs, ys, hs = zip(*self.columns)
+            joined_h = None if any(h is None for h in hs) else torch.cat(hs)
+            if joined_h is None and any(h is not None for h in hs):  # mixed chunks: ones where none was given
+                joined_h = torch.cat([h if h is not None else y.new_ones(y.shape[-1]) for y, h in zip(ys, hs)])
+            self.columns = [(torch.cat(xs, dim=-1), torch.cat(ys, dim=-1), joined_h)]
+            self._fast = None
+        x, _, h = self.columns[0]
+        return x, h
 
     @property
     def A(self) -> torch.Tensor:
@@ -331,15 +340,21 @@ class _ColumnStatistics(_Statistics):
         return self.terms.B
 
     def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        s = self.terms.scaled_columns()
-        s_scaled = s / lam[:, None]
-        core = s.transpose(1, 2) @ s_scaled
+        """With ``S = X·diag(√(2H))`` (``2A = S·Sᵀ``) and ``Λ = diag(lam)``:
+        ``R·(SSᵀ + Λ)⁻¹ = RΛ⁻¹ − RΛ⁻¹·S·(I + SᵀΛ⁻¹S)⁻¹·SᵀΛ⁻¹``. ``S`` is never formed: its column weights are
+        applied to the ``P``-wide products, so the V-step holds only the stored columns and two ``P×P`` matrices."""
+        x, h = self.terms.joined()
+        root = (2 * h).sqrt() if h is not None else torch.full((x.shape[-1],), math.sqrt(2), dtype=x.dtype, device=x.device)
+        core = _weighted_inner(x, 1 / lam)
+        core.mul_(root[:, None]).mul_(root)
         core.diagonal(dim1=-2, dim2=-1).add_(1.0)
         core_inv = torch.cholesky_inverse(_cholesky(core))
+        del core
 
         def apply(r: torch.Tensor) -> torch.Tensor:
             r_lam = r / lam
-            return r_lam - ((r_lam @ s) @ core_inv) @ s_scaled.transpose(1, 2)
+            inner = ((r_lam @ x) * root) @ core_inv
+            return r_lam - ((inner * root) @ x.transpose(1, 2)) / lam
 
         return apply
 
@@ -726,6 +741,15 @@ class _VStepCache:
             self.inverse = None  # the previous ρ's inverse is freed before the next one is computed
             self.inverse, self.rho = self.statistics.v_step(self.diagonal(rho)), rho
         return self.inverse
+
+
+def _weighted_inner(x: torch.Tensor, row_weights: torch.Tensor, rows_per_block: int = 1024) -> torch.Tensor:
+    """``Xᵀ·diag(row_weights)·X`` for ``X`` of shape ``(groups, K, P)``, over blocks of rows (no second ``K×P``)."""
+    out = x.new_zeros(x.shape[0], x.shape[-1], x.shape[-1])
+    for start in range(0, x.shape[1], rows_per_block):
+        block = x[:, start : start + rows_per_block]
+        out.add_(block.transpose(1, 2) @ (block * row_weights[start : start + rows_per_block, None]))
+    return out
 
 
 def _floor(norm: float) -> float:
