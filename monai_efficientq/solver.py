@@ -146,49 +146,20 @@ class _GramTerms:
 
 class _ColumnTerms:
     """The interface of :class:`_GramTerms` over stored columns ``(X, Y, H)``: for layers with fewer output voxels
-    than unknowns, where the columns are smaller than the Gram matrices.
+    than unknowns, where the columns are smaller than the Gram matrices."""
 
-    Args:
-        dtype: the dtype the columns are stored in.
-        capacity: how many columns will arrive, if known: they are then written into one matrix allocated at the
-            first chunk (never a list of chunks plus their joined copy).
-    """
-
-    def __init__(self, dtype: torch.dtype, capacity: int | None = None) -> None:
+    def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self.capacity = capacity
         self.columns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.yy = 0.0
         self._fast: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
-        self._store: list[torch.Tensor | None] | None = None  # [X, Y, H] with room for ``capacity`` columns
-        self._filled = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
         x, y = x.to(self.dtype), y.to(self.dtype)
         h = h.to(self.dtype) if h is not None else None
-        if self.capacity is not None and self._filled + x.shape[-1] <= self.capacity:
-            self._write(x, y, h)
-        else:
-            self.columns.append((x, y, h))
+        self.columns.append((x, y, h))
         self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
         self._fast = None
-
-    def _write(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
-        """Copy a chunk into the preallocated matrices (``H`` is allocated, as ones so far, at the first weights)."""
-        if self._store is None:
-            shape = lambda t: (*t.shape[:-1], self.capacity)  # noqa: E731
-            self._store = [x.new_empty(shape(x)), y.new_empty(shape(y)), None]
-        start, stop = self._filled, self._filled + x.shape[-1]
-        store_x, store_y, store_h = self._store
-        if h is not None and store_h is None:
-            store_h = self._store[2] = h.new_ones(self.capacity)
-        store_x[..., start:stop] = x
-        store_y[..., start:stop] = y
-        if store_h is not None:
-            store_h[start:stop] = h if h is not None else 1.0
-        self._filled = stop
-        h_view = store_h[:stop] if store_h is not None else None
-        self.columns = [(store_x[..., :stop], store_y[..., :stop], h_view)]
 
     def error(self, wb: torch.Tensor, exact: bool = True) -> float:
         """``‖[W b]·X − Y‖²_H`` over the stored columns (``exact=False``: in float32, as ``_GramTerms.error``)."""
@@ -245,15 +216,13 @@ class _Statistics(ABC):
         dtype: the solve dtype (sums, iterates).
         keep_unweighted: also keep what gives the unweighted errors exactly (for unweighted best-iterate
             selection).
-        capacity: how many fitted columns will arrive, if known (stored columns are then allocated once).
     """
 
     name = ""
 
-    def __init__(self, dtype: torch.dtype, keep_unweighted: bool, capacity: int | None = None) -> None:
+    def __init__(self, dtype: torch.dtype, keep_unweighted: bool) -> None:
         self.dtype = dtype
         self.keep_unweighted = keep_unweighted
-        self.capacity = capacity
 
     @abstractmethod
     def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
@@ -281,8 +250,8 @@ class _Statistics(ABC):
         """``R ↦ R·(2A + diag(lam))⁻¹``, factorised once."""
 
     @abstractmethod
-    def held_out_terms(self, capacity: int | None = None) -> _GramTerms | _ColumnTerms:
-        """Empty terms of the same kind, for ``capacity`` held-out columns (ranked, never fitted)."""
+    def held_out_terms(self) -> _GramTerms | _ColumnTerms:
+        """Empty terms of the same kind, for held-out columns (ranked, never fitted)."""
 
 
 class _GramStatistics(_Statistics):
@@ -290,8 +259,8 @@ class _GramStatistics(_Statistics):
 
     name = "cholesky"
 
-    def __init__(self, dtype: torch.dtype, keep_unweighted: bool, capacity: int | None = None) -> None:
-        super().__init__(dtype, keep_unweighted, capacity)
+    def __init__(self, dtype: torch.dtype, keep_unweighted: bool) -> None:
+        super().__init__(dtype, keep_unweighted)
         self.weighted = _GramTerms(dtype)
         self.unweighted: _GramTerms | None = None
         self.uniform = True  # no attention weights streamed so far: the weighted terms are the unweighted ones
@@ -330,7 +299,7 @@ class _GramStatistics(_Statistics):
         m_inv = torch.cholesky_inverse(factor)
         return lambda r: r @ m_inv
 
-    def held_out_terms(self, capacity: int | None = None) -> _GramTerms:
+    def held_out_terms(self) -> _GramTerms:
         return _GramTerms(self.dtype)
 
 
@@ -351,9 +320,9 @@ class _ColumnStatistics(_Statistics):
 
     name = "woodbury"
 
-    def __init__(self, dtype: torch.dtype, keep_unweighted: bool, capacity: int | None = None) -> None:
-        super().__init__(dtype, keep_unweighted, capacity)
-        self.terms = _ColumnTerms(dtype, capacity)
+    def __init__(self, dtype: torch.dtype, keep_unweighted: bool) -> None:
+        super().__init__(dtype, keep_unweighted)
+        self.terms = _ColumnTerms(dtype)
 
     def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.dtype  # the columns are kept: stored in the solve dtype
@@ -389,8 +358,8 @@ class _ColumnStatistics(_Statistics):
 
         return apply
 
-    def held_out_terms(self, capacity: int | None = None) -> _ColumnTerms:
-        return _ColumnTerms(self.dtype, capacity)
+    def held_out_terms(self) -> _ColumnTerms:
+        return _ColumnTerms(self.dtype)
 
 
 _STRATEGIES: dict[str, type[_Statistics]] = {
@@ -544,16 +513,15 @@ class LayerSolver:
         self.dtype = dtype
         self.num_columns = num_columns
         self.k1 = self.w0.shape[-1] + int(self.has_bias)
-        self.held_out_columns = held_out_columns
-        self.fitted_columns = num_columns - held_out_columns
-        self.mode = _choose_strategy(settings.solver, self.fitted_columns, self.k1, settings.eta_factor, self.has_bias)
+        fitted_columns = num_columns - held_out_columns
+        self.mode = _choose_strategy(settings.solver, fitted_columns, self.k1, settings.eta_factor, self.has_bias)
         self.statistics = self._new_statistics()
         self.held: _GramTerms | _ColumnTerms | None = None  # held-out columns: rank the iterates, never fitted
         self._moments = _TargetMoments()
         self._seen = 0
 
     def _new_statistics(self) -> _Statistics:
-        return _STRATEGIES[self.mode](self.dtype, self.settings.best_iterate_error == "unweighted", self.fitted_columns)
+        return _STRATEGIES[self.mode](self.dtype, self.settings.best_iterate_error == "unweighted")
 
     def _with_ones(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_bias:
@@ -585,7 +553,7 @@ class LayerSolver:
 
     def _add_held_out(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
         if self.held is None:
-            self.held = self.statistics.held_out_terms(self.held_out_columns or None)
+            self.held = self.statistics.held_out_terms()
         x = self._with_ones(x)
         weighted = h is not None and self.settings.best_iterate_error == "weighted"
         self.held.add(x, y.to(x.dtype), h.to(x.dtype) if weighted else None)

@@ -352,24 +352,3 @@ def test_the_strategy_is_chosen_for_the_fitted_columns_alone():
     assert LayerSolver(w, b, UniformGrid(2, "nozero"), True, SolverSettings(), 60).mode == "cholesky"
     solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, SolverSettings(), 60, held_out_columns=30)
     assert solver.mode == "woodbury"
-
-
-def test_columns_with_a_known_count_are_written_into_one_matrix():
-    """Chunks of a Woodbury layer go into one matrix allocated at the first chunk (no list of chunks plus a joined
-    copy); the errors and statistics are those of the chunks kept apart."""
-    from monai_efficientq.solver import _ColumnTerms
-
-    torch.manual_seed(0)
-    chunks = [(torch.randn(1, 7, n), torch.randn(1, 3, n), torch.rand(n)) for n in (5, 4, 6)]
-    apart, together = _ColumnTerms(torch.float64), _ColumnTerms(torch.float64, capacity=15)
-    for x, y, h in chunks:
-        apart.add(x, y, h)
-        together.add(x, y, h)
-    assert len(apart.columns) == 3 and len(together.columns) == 1
-    first = together.columns[0][0].data_ptr()
-    assert together.joined()[0].data_ptr() == first  # joining allocates nothing more
-    wb = torch.randn(1, 3, 7, dtype=torch.float64)
-    assert together.errors(wb) == pytest.approx(apart.errors(wb), rel=1e-12)
-    assert torch.allclose(together.A, apart.A) and torch.allclose(together.B, apart.B)
-    x_all, h_all = apart.joined()
-    assert torch.equal(x_all, together.columns[0][0]) and torch.equal(h_all, together.columns[0][2])
