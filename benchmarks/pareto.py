@@ -252,7 +252,8 @@ def to_markdown(results: dict[str, Any]) -> str:
 def _widths_cell(row: dict[str, Any]) -> str:
     """The widths chosen (mixed rows), or what a Brevitas row ships instead of a packed file."""
     if row.get("kind") == "brevitas":
-        return f"ships a {row.get('brevitas_file_bytes')}-byte float state dict; layers optimised {row.get('layers_optimised')}"
+        return (f"ships a {row.get('brevitas_file_bytes')}-byte float state dict; "
+                f"layers optimised {row.get('layers_optimised')}")
     return ", ".join(f"{k}: {v}" for k, v in (row.get("width_counts") or {}).items())
 
 

@@ -344,7 +344,7 @@ class _ColumnStatistics(_Statistics):
         ``R·(SSᵀ + Λ)⁻¹ = RΛ⁻¹ − RΛ⁻¹·S·(I + SᵀΛ⁻¹S)⁻¹·SᵀΛ⁻¹``. ``S`` is never formed: its column weights are
         applied to the ``P``-wide products, so the V-step holds only the stored columns and two ``P×P`` matrices."""
         x, h = self.terms.joined()
-        root = (2 * h).sqrt() if h is not None else torch.full((x.shape[-1],), math.sqrt(2), dtype=x.dtype, device=x.device)
+        root = (2 * h).sqrt() if h is not None else x.new_full((x.shape[-1],), math.sqrt(2))
         core = _weighted_inner(x, 1 / lam)
         core.mul_(root[:, None]).mul_(root)
         core.diagonal(dim1=-2, dim2=-1).add_(1.0)
