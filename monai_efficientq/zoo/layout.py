@@ -11,7 +11,9 @@ from typing import Any
 
 __all__ = [
     "CONFIG_SUFFIXES",
+    "EVALUATION_ORDER",
     "FLOAT_CHECKPOINT",
+    "INFERENCE_ORDER",
     "BundleLayout",
     "MissingPackagesError",
     "check_bundle_packages",
@@ -22,6 +24,7 @@ FLOAT_CHECKPOINT = "model.pt"
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 CONFIG_NAMES = ("common", "train", "evaluate", "inference")
 EVALUATION_ORDER = ("common", "train", "evaluate")  # the zoo's evaluate config layers on train
+INFERENCE_ORDER = ("common", "inference")
 # ``common``: ids shared by every config of a bundle that layers its configs on one (as this package's own
 # brain-tissue bundle does); it comes first in every list of configs.
 
@@ -89,7 +92,7 @@ class BundleLayout:
         """The inference config (on ``common`` if the bundle has one); none without an inference config."""
         if "inference" not in self.configs:
             return []
-        return [self.configs[name] for name in ("common", "inference") if name in self.configs]
+        return [self.configs[name] for name in INFERENCE_ORDER if name in self.configs]
 
     def read_metadata(self) -> dict[str, Any]:
         """The bundle's ``metadata.json``."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import card
 from .configs import NETWORK_DEF_ID, QUANTIZED_CHECKPOINT, config_text, has_id, parsed_content, with_export
-from .layout import BundleLayout
+from .layout import EVALUATION_ORDER, INFERENCE_ORDER, BundleLayout
 from .multi_gpu import MULTI_GPU_EVALUATE, multi_gpu_evaluate_config
 
 __all__ = ["RunOutcome", "write_bundle"]
@@ -108,7 +108,7 @@ def _write_multi_gpu_evaluate(folder: str, names: dict[str, str]) -> None:
 
     if "evaluate" not in names:
         return
-    layers = [os.path.join(folder, names[n]) for n in ("common", "train", "evaluate") if n in names]
+    layers = [os.path.join(folder, names[n]) for n in EVALUATION_ORDER if n in names]
     config = multi_gpu_evaluate_config(bundle_parser(layers, None, {}))
     if config is None:
         return
@@ -150,8 +150,7 @@ def _check_loads_back(staging: str, names: Mapping[str, str], outcome: RunOutcom
     from ..handlers import load_network
     from .configs import bundle_parser
 
-    order = ["common", "inference"] if "inference" in names else ["common", "train", "evaluate"]
-    order = [n for n in order if n in names]
+    order = [n for n in (INFERENCE_ORDER if "inference" in names else EVALUATION_ORDER) if n in names]
     parser = bundle_parser([os.path.join(staging, "configs", names[n]) for n in order], None, {"bundle_root": staging})
     if not has_id(parser, NETWORK_DEF_ID):
         logger.info("EfficientQ: the written configs have no %s; the load-back check is skipped.", NETWORK_DEF_ID)
