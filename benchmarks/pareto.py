@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from typing import Any
 
 if __package__ in (None, ""):  # run as a file (python benchmarks/pareto.py): import the package from the repository
@@ -121,8 +122,6 @@ def _counts(table: list[dict[str, Any]]) -> dict[str, int]:
 def _brevitas_row(method_name: str, net: nn.Module, calib: Calibration, bits: int, cfg: CompareConfig,
                   evaluator: Evaluator, uniform: dict[str, Any]) -> dict[str, Any]:
     """A Brevitas method at uniform ``W<bits>`` (first/last W8 as ours), placed at the uniform row's packed size."""
-    import tempfile
-
     method = ready_method(method_name)
     qnet, info = method.quantize(net, calib, Setting(f"W{bits}", bits, None), cfg)
     with tempfile.TemporaryDirectory() as tmp:

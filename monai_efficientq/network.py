@@ -314,7 +314,7 @@ class _QuantizingRun:
         the report gives."""
         solver = self._layer_solver(layer, y, weight_bits)
         if self.cfg.method == "rtn":
-            return self._round_to_nearest(solver, layer, xq, y, h_map)
+            return self._round_to_nearest(solver)
         with self.timer("gram"):  # im2col chunks in the activations' dtype; the solver sums their products
             h = h_map.reshape(-1).to(self.device) if h_map is not None else None
             self._stream(solver, layer, xq, y, h)
@@ -336,9 +336,7 @@ class _QuantizingRun:
             for part, piece, held in _split_columns(cols, patches, held_from):
                 solver.add(piece, y_mat[..., part].to(self.device), h[part] if h is not None else None, held)
 
-    def _round_to_nearest(
-        self, solver: LayerSolver, layer: nn.Module, xq: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None
-    ) -> LayerSolution:
+    def _round_to_nearest(self, solver: LayerSolver) -> LayerSolution:
         """Round-to-nearest weights (no statistics needed); their errors come from the quantized layer's output."""
         with self.timer("scale_fit"):
             return solver.round_to_nearest()

@@ -189,8 +189,8 @@ class _ColumnTerms:
         replaced by the joined matrix, so it is held once."""
         if len(self.columns) > 1:
             xs, ys, hs = zip(*self.columns)
-            joined_h = None if any(h is None for h in hs) else torch.cat(hs)
-            if joined_h is None and any(h is not None for h in hs):  # mixed chunks: ones where none was given
+            joined_h = None
+            if any(h is not None for h in hs):  # a chunk without weights has weight 1
                 joined_h = torch.cat([h if h is not None else y.new_ones(y.shape[-1]) for y, h in zip(ys, hs)])
             self.columns = [(torch.cat(xs, dim=-1), torch.cat(ys, dim=-1), joined_h)]
             self._fast = None
