@@ -135,21 +135,35 @@ def _output_size(n: int, k: int, s: int, d: int) -> int:
 
 
 def input_patches(
-    module: nn.Module, x: torch.Tensor, chunk_bytes: int, dtype: torch.dtype
+    module: nn.Module, x: torch.Tensor, chunk_bytes: int, dtype: torch.dtype, ones_row: bool = False
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(columns, patches)`` chunks of the layer's im2col matrix.
 
     ``patches`` has shape ``(groups, K, P_chunk)`` and dtype ``dtype``; ``columns`` is the slice of the
     ``P`` output columns (see :func:`output_matrix`) it covers. At most about ``chunk_bytes`` are built
-    at a time.
+    at a time. Every chunk is a view of one buffer that the next chunk overwrites (fresh multi-MB buffers
+    per chunk cost as much time in page faults as the copies themselves): use or copy each chunk before
+    taking the next.
+
+    Args:
+        module: a quantizable layer.
+        x: its input.
+        chunk_bytes: memory bound of one chunk.
+        dtype: dtype of the patches.
+        ones_row: give each group's patches a last row of ones (the bias's input), ``(groups, K + 1, P_chunk)``;
+            it is written once, not per chunk.
     """
     g = _groups(module)
+    extra = int(ones_row)
     if isinstance(module, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
         step = max(1, chunk_bytes // (rows.shape[1] * rows.element_size() * 2))
+        buffer = _patch_buffer(1, rows.shape[1], extra, min(step, rows.shape[0]), dtype, x.device)
         for start in range(0, rows.shape[0], step):
-            chunk = rows[start : start + step].t().to(dtype)
-            yield slice(start, start + chunk.shape[1]), chunk.reshape(1, rows.shape[1], -1)
+            chunk = rows[start : start + step]
+            out = buffer[..., : chunk.shape[0]]
+            out[0, : rows.shape[1]].copy_(chunk.t())
+            yield slice(start, start + chunk.shape[0]), out
         return
     xp, stride, dil = equivalent_conv_input(module, x)
     kernel = module.kernel_size
@@ -158,7 +172,11 @@ def input_patches(
     rest = math.prod(out_sizes[1:])
     k_total = c_in * math.prod(kernel)
     bytes_per_row = k_total * rest * torch.finfo(dtype).bits // 8 * 2
-    rows_per_chunk = max(1, chunk_bytes // max(bytes_per_row, 1))
+    rows_per_chunk = min(max(1, chunk_bytes // max(bytes_per_row, 1)), out_sizes[0])
+    buffer = _patch_buffer(g, k_total // g, extra, rows_per_chunk * rest, dtype, x.device)
+    nd = len(kernel)
+    # (1, C, o1..on, k1..kn) -> (C, k1..kn, 1, o1..on), then C split into (groups, C/groups)
+    perm = [1] + list(range(2 + nd, 2 + 2 * nd)) + [0] + list(range(2, 2 + nd))
     offset = 0
     for n in range(n_batch):
         for start in range(0, out_sizes[0], rows_per_chunk):
@@ -166,18 +184,27 @@ def input_patches(
             lo = start * stride[0]
             hi = (stop - 1) * stride[0] + dil[0] * (kernel[0] - 1) + 1
             patch = xp[n : n + 1, :, lo:hi]
-            for i in range(len(kernel)):
+            for i in range(nd):
                 span = dil[i] * (kernel[i] - 1) + 1
                 patch = patch.unfold(2 + i, span, stride[i])
                 if dil[i] > 1:
                     patch = patch[..., :: dil[i]]
-            nd = len(kernel)
-            # (1, C, o1..on, k1..kn) -> (C, k1..kn, 1, o1..on)
-            perm = [1] + list(range(2 + nd, 2 + 2 * nd)) + [0] + list(range(2, 2 + nd))
-            cols = patch.permute(perm).to(dtype).reshape(g, k_total // g, -1)
-            width = cols.shape[-1]
-            yield slice(offset, offset + width), cols
+            source = patch.permute(perm).unflatten(0, (g, c_in // g))
+            width = (stop - start) * rest
+            out = buffer[..., :width]
+            out[:, : k_total // g].view(source.shape).copy_(source)
+            yield slice(offset, offset + width), out
             offset += width
+
+
+def _patch_buffer(
+    groups: int, rows: int, ones_rows: int, width: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The reused chunk buffer of :func:`input_patches`: ``(groups, rows + ones_rows, width)``, its last
+    ``ones_rows`` rows set to one."""
+    buffer = torch.empty(groups, rows + ones_rows, width, dtype=dtype, device=device)
+    buffer[:, rows:] = 1
+    return buffer
 
 
 def conv_transpose_as_conv(module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -332,7 +332,8 @@ class _QuantizingRun:
         """Stream the layer's im2col columns into ``solver``; with ``holdout``, the last volume's are held out."""
         y_mat = output_matrix(layer, y)
         held_from = self._held_out_from(y, y_mat.shape[-1])
-        for cols, patches in input_patches(layer, xq.to(self.device), self.cfg.chunk_bytes, xq.dtype):
+        chunks = input_patches(layer, xq.to(self.device), self.cfg.chunk_bytes, xq.dtype, ones_row=solver.has_bias)
+        for cols, patches in chunks:
             for part, piece, held in _split_columns(cols, patches, held_from):
                 solver.add(piece, y_mat[..., part].to(self.device), h[part] if h is not None else None, held)
 
@@ -430,10 +431,11 @@ def _choose_act_range(
     y = y[every_m]
     h = h_map[every_m[1:]].to(y.device, y.dtype).unsqueeze(1) if h_map is not None else None
     best_err, best_factor = math.inf, 1.0
+    x_quant = torch.empty_like(x, memory_format=torch.contiguous_format)  # reused by every factor
     for factor in factors:
         act_quant.step.copy_(step0 * factor)
         act_quant.offset.copy_(offset0 * factor)
-        e2 = (subsampled_forward(layer, act_quant(x), weight, bias, m) - y).pow_(2)
+        e2 = (subsampled_forward(layer, act_quant.quantize(x, out=x_quant), weight, bias, m) - y).pow_(2)
         err = float((e2 * h).sum(dtype=torch.float64) if h is not None else e2.sum(dtype=torch.float64))
         if err < best_err:
             best_err, best_factor = err, factor

@@ -290,10 +290,18 @@ class ActQuantizer(nn.Module):
         if torch.jit.is_scripting() or x.requires_grad:
             k = torch.clamp(torch.round((x - offset) / step), 0, self.num_levels - 1)
             return k * step + offset
+        return self.quantize(x)
+
+    @torch.jit.unused
+    def quantize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward without autograd, written into ``out`` when given (a buffer reused over many calls: a fresh
+        one per call of a layer's whole input costs as much in page faults as the arithmetic)."""
+        step = self.step.to(x.dtype)
         # the same operations on one buffer (a layer's whole input: memory-bound); an unsigned grid has offset 0
         if not self.signed:
-            return x.div(step).round_().clamp_(0, self.num_levels - 1).mul_(step)
-        return (x - offset).div_(step).round_().clamp_(0, self.num_levels - 1).mul_(step).add_(offset)
+            return torch.div(x, step, out=out).round_().clamp_(0, self.num_levels - 1).mul_(step)
+        offset = self.offset.to(x.dtype)
+        return torch.sub(x, offset, out=out).div_(step).round_().clamp_(0, self.num_levels - 1).mul_(step).add_(offset)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, step={float(self.step):.4g}, offset={float(self.offset):.4g}"

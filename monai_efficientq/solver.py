@@ -114,9 +114,10 @@ class _GramTerms:
         self.B: torch.Tensor | None = None
         self.yy = 0.0
         self._a_fast: torch.Tensor | None = None
+        self._scratch: torch.Tensor | None = None  # X·H of a chunk, reused: a fresh one per chunk costs page faults
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
-        xh = x if h is None else x * h
+        xh = x if h is None else torch.mul(x, h, out=self._scratch_for(x))
         a = xh @ x.transpose(1, 2)
         b = (y if h is None else y * h) @ x.transpose(1, 2)
         # summed in place: a K×K float64 Gram matrix of a wide layer is hundreds of MB, so no second copy
@@ -124,6 +125,14 @@ class _GramTerms:
         self.B = b.to(self.dtype) if self.B is None else self.B.add_(b)
         self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
         self._a_fast = None
+
+    def _scratch_for(self, x: torch.Tensor) -> torch.Tensor:
+        """A reused buffer shaped like the chunk ``x`` (chunks of one layer have the same rows, at most as many
+        columns as the first)."""
+        buf = self._scratch
+        if buf is None or buf.shape[:-1] != x.shape[:-1] or buf.shape[-1] < x.shape[-1] or buf.dtype != x.dtype:
+            buf = self._scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return buf[..., : x.shape[-1]]
 
     def error(self, wb: torch.Tensor, exact: bool = True) -> float:
         """``‖[W b]·X − Y‖²_H`` from the statistics.
@@ -155,8 +164,9 @@ class _ColumnTerms:
         self._fast: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
-        x, y = x.to(self.dtype), y.to(self.dtype)
-        h = h.to(self.dtype) if h is not None else None
+        # copies: the chunks may be views of buffers their producer reuses (``layers.input_patches``)
+        x, y = x.to(self.dtype, copy=True), y.to(self.dtype, copy=True)
+        h = h.to(self.dtype, copy=True) if h is not None else None
         self.columns.append((x, y, h))
         self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
         self._fast = None
@@ -524,7 +534,8 @@ class LayerSolver:
         return _STRATEGIES[self.mode](self.dtype, self.settings.best_iterate_error == "unweighted")
 
     def _with_ones(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.has_bias:
+        """``x`` with the bias's row of ones, unless there is no bias or the row is already there."""
+        if not self.has_bias or x.shape[1] == self.k1:
             return x
         return torch.cat([x, x.new_ones(x.shape[0], 1, x.shape[2])], dim=1)
 
@@ -534,7 +545,8 @@ class LayerSolver:
 
         Args:
             x: quantized input patches ``(groups, K, P_chunk)`` (float32 or float64; the chunk's products
-                are computed in this dtype).
+                are computed in this dtype), or ``(groups, K + 1, P_chunk)`` with the bias's row of ones already
+                last (``input_patches(..., ones_row=True)``). Only read during the call: the caller may reuse it.
             y: float targets of the same columns ``(groups, C_out/groups, P_chunk)``.
             h: attention weights of the same columns ``(P_chunk,)``, or ``None`` for all ones.
             held_out: these columns are not fitted; the ADMM iterate (or the round-to-nearest weights) with the

@@ -33,7 +33,10 @@ def test_end_to_end_output_error_below_rtn(make, act_bits):
     q_eq, rep_eq = _quantize(net, x, weight_bits=2, act_bits=act_bits)
     err_rtn, err_eq = _rel_err(net, q_rtn, x), _rel_err(net, q_eq, x)
     assert err_eq < err_rtn
-    assert all(r.error_weighted <= r.rtn_error_weighted + 1e-12 for r in rep_eq.layers)
+    # the held-out volume chooses between ADMM's best iterate and round-to-nearest: no layer is worse there; on the
+    # fitted volumes an 8-bit edge layer may then be a rounding error above round-to-nearest (1e-5 relative)
+    assert all(r.held_out_error <= r.held_out_rtn_error * (1 + 1e-6) for r in rep_eq.layers)
+    assert all(r.error_weighted <= r.rtn_error_weighted * (1 + 1e-4) for r in rep_eq.layers)
     assert sum(r.error < 0.95 * r.rtn_error for r in rep_eq.layers) >= len(rep_eq.layers) // 2
     assert not any(isinstance(m, QuantizedMixin) for m in net.modules()), "input network must not change"
 
