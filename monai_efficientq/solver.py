@@ -114,10 +114,11 @@ class _GramTerms:
         self.B: torch.Tensor | None = None
         self.yy = 0.0
         self._a_fast: torch.Tensor | None = None
-        self._scratch: torch.Tensor | None = None  # X·H of a chunk, reused: a fresh one per chunk costs page faults
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
-        xh = x if h is None else torch.mul(x, h, out=self._scratch_for(x))
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, scratch: torch.Tensor | None = None) -> None:
+        """Add a chunk; ``scratch`` (shaped like ``x``, or ``None``) receives ``X·H``: a buffer its owner reuses over
+        the chunks, since a fresh multi-MB one per chunk costs about as much in page faults as the product."""
+        xh = x if h is None else torch.mul(x, h, out=scratch)
         a = xh @ x.transpose(1, 2)
         b = (y if h is None else y * h) @ x.transpose(1, 2)
         # summed in place: a K×K float64 Gram matrix of a wide layer is hundreds of MB, so no second copy
@@ -125,14 +126,6 @@ class _GramTerms:
         self.B = b.to(self.dtype) if self.B is None else self.B.add_(b)
         self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
         self._a_fast = None
-
-    def _scratch_for(self, x: torch.Tensor) -> torch.Tensor:
-        """A reused buffer shaped like the chunk ``x`` (chunks of one layer have the same rows, at most as many
-        columns as the first)."""
-        buf = self._scratch
-        if buf is None or buf.shape[:-1] != x.shape[:-1] or buf.shape[-1] < x.shape[-1] or buf.dtype != x.dtype:
-            buf = self._scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
-        return buf[..., : x.shape[-1]]
 
     def error(self, wb: torch.Tensor, exact: bool = True) -> float:
         """``‖[W b]·X − Y‖²_H`` from the statistics.
@@ -163,7 +156,8 @@ class _ColumnTerms:
         self.yy = 0.0
         self._fast: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, scratch: torch.Tensor | None = None) -> None:
+        """Store a chunk (``scratch`` is unused: the interface of :meth:`_GramTerms.add`)."""
         # copies: the chunks may be views of buffers their producer reuses (``layers.input_patches``)
         x, y = x.to(self.dtype, copy=True), y.to(self.dtype, copy=True)
         h = h.to(self.dtype, copy=True) if h is not None else None
@@ -239,8 +233,9 @@ class _Statistics(ABC):
         """The dtype in which a chunk arriving in ``dtype`` is added."""
 
     @abstractmethod
-    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
-        """Add a chunk: patches ``x`` (with the ones row), targets ``y``, attention ``h`` or ``None``."""
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
+        """Add a chunk: patches ``x`` (with the ones row), targets ``y``, attention ``h`` or ``None``; ``scratch``
+        as :meth:`_GramTerms.add`."""
 
     @abstractmethod
     def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
@@ -278,9 +273,9 @@ class _GramStatistics(_Statistics):
     def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype  # products in the chunk's own dtype (float32 activations), summed in the solve dtype
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
         self.uniform = self.uniform and h is None
-        self.weighted.add(x, y, h)
+        self.weighted.add(x, y, h, scratch)
         if h is not None and self.keep_unweighted:
             if self.unweighted is None:
                 self.unweighted = _GramTerms(self.dtype)
@@ -337,8 +332,8 @@ class _ColumnStatistics(_Statistics):
     def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.dtype  # the columns are kept: stored in the solve dtype
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
-        self.terms.add(x, y, h)
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
+        self.terms.add(x, y, h)  # the columns are stored: no product to form
 
     def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
         return self.terms.errors(wb, exact)  # the columns give both in one pass
@@ -529,6 +524,7 @@ class LayerSolver:
         self.held: _GramTerms | _ColumnTerms | None = None  # held-out columns: rank the iterates, never fitted
         self._moments = _TargetMoments()
         self._seen = 0
+        self._scratch: torch.Tensor | None = None  # X·H of a chunk: one buffer for all of them, freed by solve()
 
     def _new_statistics(self) -> _Statistics:
         return _STRATEGIES[self.mode](self.dtype, self.settings.best_iterate_error == "unweighted")
@@ -561,14 +557,24 @@ class LayerSolver:
         y = y.to(work)
         hw = h.to(work) if h is not None else None
         self._moments.add(y, hw)
-        self.statistics.add(x, y, hw)
+        self.statistics.add(x, y, hw, self._scratch_for(x, hw))
+
+    def _scratch_for(self, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor | None:
+        """The reused ``X·H`` buffer, shaped like the chunk ``x`` (``None`` without weights: nothing to form)."""
+        if h is None:
+            return None
+        buf = self._scratch
+        if buf is None or buf.shape[:-1] != x.shape[:-1] or buf.shape[-1] < x.shape[-1] or buf.dtype != x.dtype:
+            buf = self._scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return buf[..., : x.shape[-1]]
 
     def _add_held_out(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
         if self.held is None:
             self.held = self.statistics.held_out_terms()
         x = self._with_ones(x)
         weighted = h is not None and self.settings.best_iterate_error == "weighted"
-        self.held.add(x, y.to(x.dtype), h.to(x.dtype) if weighted else None)
+        h = h.to(x.dtype) if weighted else None
+        self.held.add(x, y.to(x.dtype), h, self._scratch_for(x, h))
 
     @property
     def _exact_rank(self) -> bool:
@@ -648,6 +654,7 @@ class LayerSolver:
         if self._seen != self.num_columns:
             raise RuntimeError(f"LayerSolver got {self._seen} of {self.num_columns} output columns before solve().")
         t0 = time.perf_counter()
+        self._scratch = None
         if attention_mean is None:
             attention_mean = self._moments.attention_mean()
         with self.timer("scale_fit"):  # round to nearest: the floor, and a candidate ranked like the ADMM iterates
