@@ -109,3 +109,18 @@ def test_sampled_output_step_keeps_enough_voxels_and_skips_what_it_cannot_sample
     assert sampled_output_step(conv, (1, 2, 8, 8, 8), 2000) == 1
     assert sampled_output_step(nn.ConvTranspose3d(2, 2, 2, stride=2), (1, 2, 40, 40, 40), 10) == 1
     assert sampled_output_step(nn.Conv3d(2, 2, 3, padding=1, padding_mode="reflect"), (1, 2, 40, 40, 40), 10) == 1
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_patches_with_the_ones_row(make):
+    layer = make().double()
+    x = torch.randn(2, 3, 7, dtype=torch.float64) if isinstance(layer, nn.Linear) else None
+    if x is None:
+        nd = len(layer.kernel_size)
+        x = torch.randn(2, layer.in_channels, *[7, 6, 5][:nd], dtype=torch.float64)
+    plain = [(c, p.clone()) for c, p in input_patches(layer, x, 1 << 8, torch.float64)]
+    with_ones = [(c, p.clone()) for c, p in input_patches(layer, x, 1 << 8, torch.float64, ones_row=True)]
+    assert len(plain) == len(with_ones) > 1
+    for (cols, p), (cols1, p1) in zip(plain, with_ones):
+        assert cols == cols1 and p1.shape[1] == p.shape[1] + 1
+        assert torch.equal(p1[:, :-1], p) and bool((p1[:, -1] == 1).all())

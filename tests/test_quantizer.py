@@ -148,3 +148,15 @@ def test_warm_projection_equals_the_warm_started_fit():
     scale2, codes2, projected = project_to_grid(v, grid, True, init)
     assert torch.equal(scale, scale2) and torch.equal(codes, codes2.to(torch.int64))
     assert torch.allclose(projected, scale * grid.levels(codes, torch.float64))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_act_quantizer_writes_into_a_given_buffer(signed):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5) * 2
+    quant = ActQuantizer(2, signed=signed).fit(x)
+    out = torch.full_like(x, float("nan"))
+    written = quant.quantize(x, out=out)
+    assert written.data_ptr() == out.data_ptr()
+    assert torch.equal(out, quant(x))
+    assert torch.unique(out).numel() <= 4

@@ -352,3 +352,32 @@ def test_the_strategy_is_chosen_for_the_fitted_columns_alone():
     assert LayerSolver(w, b, UniformGrid(2, "nozero"), True, SolverSettings(), 60).mode == "cholesky"
     solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, SolverSettings(), 60, held_out_columns=30)
     assert solver.mode == "woodbury"
+
+
+@pytest.mark.parametrize("solver_name", ["woodbury", "cholesky"])
+def test_chunks_from_a_reused_buffer_give_the_statistics_of_copied_chunks(solver_name):
+    # input_patches yields views of one buffer that the next chunk overwrites: a strategy that keeps columns
+    # (Woodbury, and held-out columns) must copy them
+    layer, x, y, h = _problem(size=4)
+    w = weight_matrix(layer).detach()
+    b = layer.bias.detach().reshape(w.shape[0], w.shape[1])
+    y_mat = output_matrix(layer, y)
+    half = y_mat.shape[-1] // 2
+    solvers = []
+    for copy in (False, True):
+        settings = SolverSettings(iterations=5, solver=solver_name)
+        solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, settings, y_mat.shape[-1], held_out_columns=half)
+        chunks = list if copy else iter
+        for cols, patches in chunks(
+            (c, p.clone() if copy else p) for c, p in input_patches(layer, x, 1 << 12, torch.float64, ones_row=True)
+        ):
+            held = cols.start >= y_mat.shape[-1] - half
+            solver.add(patches, y_mat[..., cols], h[cols], held_out=held)
+        solvers.append(solver)
+    reused, copied = solvers
+    assert len(list(input_patches(layer, x, 1 << 12, torch.float64))) > 2  # several chunks share the buffer
+    assert torch.equal(reused.statistics.target_product(), copied.statistics.target_product())
+    probe = torch.randn(w.shape[0], w.shape[1], w.shape[2] + 1, dtype=torch.float64)
+    assert reused.held.error(probe) == pytest.approx(copied.held.error(probe), rel=1e-12)
+    # the weighted error (Cholesky's statistics cannot give the unweighted one without attention-free columns)
+    assert reused.statistics.errors(probe)[0] == pytest.approx(copied.statistics.errors(probe)[0], rel=1e-12)
