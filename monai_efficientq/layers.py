@@ -172,7 +172,7 @@ def input_patches(
     rest = math.prod(out_sizes[1:])
     k_total = c_in * math.prod(kernel)
     bytes_per_row = k_total * rest * torch.finfo(dtype).bits // 8 * 2
-    rows_per_chunk = min(max(1, chunk_bytes // max(bytes_per_row, 1)), out_sizes[0])
+    rows_per_chunk = min(max(1, chunk_bytes // max(bytes_per_row, 1)), max(out_sizes[0], 1))
     buffer = _patch_buffer(g, k_total // g, extra, rows_per_chunk * rest, dtype, x.device)
     nd = len(kernel)
     # (1, C, o1..on, k1..kn) -> (C, k1..kn, 1, o1..on), then C split into (groups, C/groups)
