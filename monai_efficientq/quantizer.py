@@ -76,18 +76,32 @@ def _best_of_sweep(
 ) -> torch.Tensor:
     """The ``keep`` best scales per row among ``points`` evenly spaced in ``(0, 1.5·unit]``: ``(keep, rows, 1)``."""
     fracs = torch.linspace(0.05, 1.5, points, dtype=torch.float64, device=v.device)
-    vv = (v * v).sum(dim=-1, keepdim=True)
-    errs = []
-    per_chunk = max(1, 2**22 // max(v.numel(), 1))
-    for i in range(0, points, per_chunk):
-        cand = fracs[i : i + per_chunk].view(-1, 1, 1) * unit
-        levels = _levels_for(v, cand, grid)
-        vl = (levels * v).sum(dim=-1, keepdim=True)
-        ll = levels.pow_(2).sum(dim=-1, keepdim=True)
-        errs.append(vv - 2 * cand * vl + cand * cand * ll)
-    err = torch.cat(errs)  # (points, rows, 1)
+    err = _sweep_errors(v, fracs.view(-1, 1, 1) * unit, grid)  # (points, rows, 1)
     idx = err.topk(min(keep, points), dim=0, largest=False).indices
     return fracs[idx] * unit
+
+
+def _sweep_errors(v: torch.Tensor, scales: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
+    """``‖v − a·level(v/a)‖²`` of each row of ``v`` (``(rows, n)``) for every scale ``a`` in ``scales``
+    (``(points, rows, 1)``), without quantizing ``v`` once per scale: with the row sorted, the values that round to
+    each level are a contiguous run, found by bisection at the midpoints between levels, and the two sums the
+    error needs, ``⟨v, l⟩`` and ``⟨l, l⟩``, come from the run's bounds and the row's prefix sums."""
+    rows, n = v.shape
+    points = scales.shape[0]
+    ordered = v.sort(dim=-1).values
+    prefix = torch.cat([ordered.new_zeros(rows, 1), ordered.cumsum(dim=-1)], dim=-1)  # (rows, n + 1)
+    levels = grid.first + grid.step * torch.arange(grid.num_levels, dtype=v.dtype, device=v.device)
+    midpoints = (levels[:-1] + levels[1:]) / 2
+    # (rows, points·(L−1)): the first index of each row at or above each scaled midpoint
+    thresholds = (scales.permute(1, 0, 2) * midpoints).reshape(rows, -1)
+    inner = torch.searchsorted(ordered, thresholds.contiguous()).reshape(rows, points, -1)
+    bounds = torch.cat([inner.new_zeros(rows, points, 1), inner, inner.new_full((rows, points, 1), n)], dim=-1)
+    run_sums = prefix.gather(1, bounds.reshape(rows, -1)).reshape(rows, points, -1).diff(dim=-1)  # Σ v per level
+    run_counts = bounds.diff(dim=-1).to(v.dtype)
+    vl = (run_sums * levels).sum(dim=-1).transpose(0, 1).unsqueeze(-1)  # (points, rows, 1)
+    ll = (run_counts * levels * levels).sum(dim=-1).transpose(0, 1).unsqueeze(-1)
+    vv = (v * v).sum(dim=-1, keepdim=True)
+    return vv - 2 * scales * vl + scales * scales * ll
 
 
 def fit_scale(

@@ -160,3 +160,23 @@ def test_act_quantizer_writes_into_a_given_buffer(signed):
     assert written.data_ptr() == out.data_ptr()
     assert torch.equal(out, quant(x))
     assert torch.unique(out).numel() <= 4
+
+
+@pytest.mark.parametrize("kind, bits, rows, n", [("unsigned", 2, 1, 5000), ("nozero", 2, 6, 433), ("int", 4, 3, 217)])
+def test_sweep_errors_equal_a_direct_quantization(kind, bits, rows, n):
+    from monai_efficientq.quantizer import _sweep_errors
+
+    torch.manual_seed(3)
+    grid = UniformGrid(bits, kind)
+    v = torch.randn(rows, n, dtype=torch.float64)
+    v = v.relu() if kind == "unsigned" else v
+    scales = torch.linspace(0.05, 1.5, 40, dtype=torch.float64).view(-1, 1, 1) * v.abs().amax(1, keepdim=True)
+    scales = scales / grid.max_abs
+    # the direct error: every value rounded to its nearest level at every scale
+    normalised = v / scales
+    codes = torch.round((normalised - grid.first) / grid.step).clamp(0, grid.num_levels - 1)
+    direct = (v - scales * (grid.first + codes * grid.step)).pow(2).sum(dim=-1, keepdim=True)
+    swept = _sweep_errors(v, scales, grid)
+    assert swept.shape == direct.shape == (40, rows, 1)
+    assert torch.allclose(swept, direct, rtol=1e-10, atol=1e-12)
+    assert torch.equal(swept.argmin(dim=0), direct.argmin(dim=0))
