@@ -90,7 +90,7 @@ def _sweep_errors(v: torch.Tensor, scales: torch.Tensor, grid: UniformGrid) -> t
     points = scales.shape[0]
     ordered = v.sort(dim=-1).values
     prefix = torch.cat([ordered.new_zeros(rows, 1), ordered.cumsum(dim=-1)], dim=-1)  # (rows, n + 1)
-    levels = grid.first + grid.step * torch.arange(grid.num_levels, dtype=v.dtype, device=v.device)
+    levels = grid.levels(torch.arange(grid.num_levels, device=v.device), v.dtype)
     midpoints = (levels[:-1] + levels[1:]) / 2
     # (rows, points·(L−1)): the first index of each row at or above each scaled midpoint
     thresholds = (scales.permute(1, 0, 2) * midpoints).reshape(rows, -1)
@@ -299,9 +299,9 @@ class ActQuantizer(nn.Module):
         return 1 << self.bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        step = self.step.to(x.dtype)
-        offset = self.offset.to(x.dtype)
         if torch.jit.is_scripting() or x.requires_grad:
+            step = self.step.to(x.dtype)
+            offset = self.offset.to(x.dtype)
             k = torch.clamp(torch.round((x - offset) / step), 0, self.num_levels - 1)
             return k * step + offset
         return self.quantize(x)
