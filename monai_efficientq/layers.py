@@ -135,7 +135,12 @@ def _output_size(n: int, k: int, s: int, d: int) -> int:
 
 
 def input_patches(
-    module: nn.Module, x: torch.Tensor, chunk_bytes: int, dtype: torch.dtype, ones_row: bool = False
+    module: nn.Module,
+    x: torch.Tensor,
+    chunk_bytes: int,
+    dtype: torch.dtype,
+    ones_row: bool = False,
+    max_columns: int | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(columns, patches)`` chunks of the layer's im2col matrix.
 
@@ -149,15 +154,18 @@ def input_patches(
         module: a quantizable layer.
         x: its input.
         chunk_bytes: memory bound of one chunk.
-        dtype: dtype of the patches.
+        dtype: dtype of the patches (an integer dtype for integer codes).
         ones_row: give each group's patches a last row of ones (the bias's input), ``(groups, K + 1, P_chunk)``;
             it is written once, not per chunk.
+        max_columns: at most this many columns per chunk as well (a convolution's chunks hold whole rows of its
+            first output axis, so one is still wider when a single row is).
     """
     g = _groups(module)
     extra = int(ones_row)
     if isinstance(module, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
         step = max(1, chunk_bytes // (rows.shape[1] * rows.element_size() * 2))
+        step = min(step, max_columns) if max_columns else step
         buffer = _patch_buffer(1, rows.shape[1], extra, min(step, rows.shape[0]), dtype, x.device)
         for start in range(0, rows.shape[0], step):
             chunk = rows[start : start + step]
@@ -171,8 +179,10 @@ def input_patches(
     out_sizes = [_output_size(n, k, s, d) for n, k, s, d in zip(xp.shape[2:], kernel, stride, dil)]
     rest = math.prod(out_sizes[1:])
     k_total = c_in * math.prod(kernel)
-    bytes_per_row = k_total * rest * torch.finfo(dtype).bits // 8 * 2
+    bytes_per_row = k_total * rest * dtype.itemsize * 2
     rows_per_chunk = min(max(1, chunk_bytes // max(bytes_per_row, 1)), max(out_sizes[0], 1))
+    if max_columns:
+        rows_per_chunk = min(rows_per_chunk, max(1, max_columns // max(rest, 1)))
     buffer = _patch_buffer(g, k_total // g, extra, rows_per_chunk * rest, dtype, x.device)
     nd = len(kernel)
     # (1, C, o1..on, k1..kn) -> (C, k1..kn, 1, o1..on), then C split into (groups, C/groups)

@@ -317,6 +317,21 @@ class ActQuantizer(nn.Module):
         offset = self.offset.to(x.dtype)
         return torch.sub(x, offset, out=out).div_(step).round_().clamp_(0, self.num_levels - 1).mul_(step).add_(offset)
 
+    @property
+    def has_int8_codes(self) -> bool:
+        """Whether :meth:`codes` applies: an unsigned grid (zero is code 0, so zero padding stays on the grid) of at
+        most 7 bits (codes up to 127)."""
+        return not self.signed and self.bits <= 7
+
+    @torch.jit.unused
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes ``k`` of :meth:`quantize` as int8, so that ``quantize(x) == k·step`` exactly (``k`` as
+        float32 times the float32 step is the product :meth:`quantize` rounds). Only for :attr:`has_int8_codes`."""
+        if not self.has_int8_codes:
+            raise ValueError(f"int8 codes need an unsigned grid of at most 7 bits, not {self.extra_repr()}.")
+        step = self.step.to(x.dtype)
+        return torch.div(x, step).round_().clamp_(0, self.num_levels - 1).to(torch.int8)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, step={float(self.step):.4g}, offset={float(self.offset):.4g}"
 

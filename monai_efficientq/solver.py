@@ -35,6 +35,16 @@ logger = logging.getLogger(__name__)
 #: An iterate that lowers the best error by less than this fraction does not reset the early-stop patience.
 _MIN_IMPROVEMENT = 1e-4
 
+#: Columns of one int8 Gram product whose int32 sums cannot overflow: 2**17 · 127² < 2**31 (codes in [-127, 127];
+#: the bias's row of ones sums to at most the column count).
+CODE_GRAM_MAX_COLUMNS = 2**17
+
+#: At most this many distinct attention weights in a chunk of codes: each gets its own exact integer Gram product.
+CODE_GRAM_MAX_WEIGHTS = 16
+
+#: Bytes of the float block into which a chunk of codes is converted, block by block, for ``B = Y·Xᵀ``.
+_DEQUANTIZED_BLOCK_BYTES = 16 * 2**20
+
 
 @dataclass
 class SolverSettings:
@@ -105,7 +115,8 @@ class _GramTerms:
 
     Each chunk's products are computed in the chunk's dtype (float32 for network activations: the
     costly part, as in GPTQ's Hessian) and summed over chunks in ``dtype`` (float64 by default), in which
-    the ADMM solves.
+    the ADMM solves. A chunk of integer activation codes (unweighted) gives its ``A`` exactly, from an int8
+    product with int32 sums (:func:`_code_gram`), several times faster than the float32 one.
     """
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -114,18 +125,61 @@ class _GramTerms:
         self.B: torch.Tensor | None = None
         self.yy = 0.0
         self._a_fast: torch.Tensor | None = None
+        self._dequantized: torch.Tensor | None = None  # a reused float block of a code chunk, for B
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, scratch: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        h: torch.Tensor | None,
+        scratch: torch.Tensor | None = None,
+        row_scale: torch.Tensor | None = None,
+    ) -> None:
         """Add a chunk; ``scratch`` (shaped like ``x``, or ``None``) receives ``X·H``: a buffer its owner reuses over
-        the chunks, since a fresh multi-MB one per chunk costs about as much in page faults as the product."""
-        xh = x if h is None else torch.mul(x, h, out=scratch)
-        a = xh @ x.transpose(1, 2)
-        b = (y if h is None else y * h) @ x.transpose(1, 2)
+        the chunks, since a fresh multi-MB one per chunk costs about as much in page faults as the product.
+
+        With ``row_scale`` (``(K,)``, float64), ``x`` holds int8 codes (on the CPU) and the patches are
+        ``row_scale[:, None]·x``; ``h`` then takes at most :data:`CODE_GRAM_MAX_WEIGHTS` distinct values.
+        """
+        if row_scale is not None:
+            a, b = self._code_products(x, y, h, row_scale)
+        else:
+            xh = x if h is None else torch.mul(x, h, out=scratch)
+            a = xh @ x.transpose(1, 2)
+            b = (y if h is None else y * h) @ x.transpose(1, 2)
         # summed in place: a K×K float64 Gram matrix of a wide layer is hundreds of MB, so no second copy
         self.A = a.to(self.dtype) if self.A is None else self.A.add_(a)
         self.B = b.to(self.dtype) if self.B is None else self.B.add_(b)
         self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
         self._a_fast = None
+
+    def _code_products(
+        self, codes: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, row_scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of a chunk of int8 codes: ``A`` from exact integer sums, one per distinct weight in ``h`` (the
+        class-balanced attention takes a few), weighted and scaled in ``dtype``; ``B`` over column blocks
+        dequantized (exactly) into one small reused float buffer, in ``y``'s dtype."""
+        scale = row_scale.to(self.dtype)
+        a = _weighted_code_gram(codes, h, self.dtype)
+        a.mul_(scale[:, None]).mul_(scale)
+        if h is not None:
+            y = y * h
+        width = max(1024, _DEQUANTIZED_BLOCK_BYTES // (codes.shape[1] * y.element_size()))
+        b = None
+        for start in range(0, codes.shape[-1], width):
+            block = self._dequantized_block(codes[..., start : start + width], y.dtype)
+            part = y[..., start : start + width] @ block.transpose(1, 2)
+            b = part if b is None else b.add_(part)
+        if b is None:  # no columns
+            b = y.new_zeros(y.shape[0], y.shape[1], codes.shape[1])
+        return a, b.to(self.dtype).mul_(scale)
+
+    def _dequantized_block(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``codes`` converted to ``dtype`` (exact: int8 values) in the reused buffer."""
+        buf = self._dequantized
+        if buf is None or buf.shape[:-1] != codes.shape[:-1] or buf.shape[-1] < codes.shape[-1] or buf.dtype != dtype:
+            buf = self._dequantized = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+        return buf[..., : codes.shape[-1]].copy_(codes)
 
     def error(self, wb: torch.Tensor, exact: bool = True) -> float:
         """``‖[W b]·X − Y‖²_H`` from the statistics.
@@ -232,10 +286,20 @@ class _Statistics(ABC):
     def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype in which a chunk arriving in ``dtype`` is added."""
 
+    #: whether :meth:`add` takes int8 codes with a ``row_scale`` (summed exactly); else they come dequantized
+    takes_codes = False
+
     @abstractmethod
-    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
+    def add(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        h: torch.Tensor | None,
+        scratch: torch.Tensor | None,
+        row_scale: torch.Tensor | None = None,
+    ) -> None:
         """Add a chunk: patches ``x`` (with the ones row), targets ``y``, attention ``h`` or ``None``; ``scratch``
-        as :meth:`_GramTerms.add`."""
+        and ``row_scale`` as :meth:`_GramTerms.add` (codes only where :attr:`takes_codes`)."""
 
     @abstractmethod
     def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
@@ -251,8 +315,9 @@ class _Statistics(ABC):
         """``B = Y·H·Xᵀ``."""
 
     @abstractmethod
-    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``R ↦ R·(2A + diag(lam))⁻¹``, factorised once."""
+    def v_step(self, lam: torch.Tensor, fast: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``R ↦ R·(2A + diag(lam))⁻¹``, factorised once; ``fast``: the per-iteration product may run in float32
+        (the strategies that keep a dense inverse do so)."""
 
     @abstractmethod
     def held_out_terms(self) -> _GramTerms | _ColumnTerms:
@@ -263,6 +328,7 @@ class _GramStatistics(_Statistics):
     """Gram matrices; the V-step through one Cholesky factorisation per ρ."""
 
     name = "cholesky"
+    takes_codes = True
 
     def __init__(self, dtype: torch.dtype, keep_unweighted: bool) -> None:
         super().__init__(dtype, keep_unweighted)
@@ -273,13 +339,20 @@ class _GramStatistics(_Statistics):
     def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype  # products in the chunk's own dtype (float32 activations), summed in the solve dtype
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
+    def add(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        h: torch.Tensor | None,
+        scratch: torch.Tensor | None,
+        row_scale: torch.Tensor | None = None,
+    ) -> None:
         self.uniform = self.uniform and h is None
-        self.weighted.add(x, y, h, scratch)
+        self.weighted.add(x, y, h, scratch, row_scale)
         if h is not None and self.keep_unweighted:
             if self.unweighted is None:
                 self.unweighted = _GramTerms(self.dtype)
-            self.unweighted.add(x, y, None)
+            self.unweighted.add(x, y, None, None, row_scale)
 
     def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
         weighted = self.weighted.error(wb, exact)
@@ -296,12 +369,16 @@ class _GramStatistics(_Statistics):
     def target_product(self) -> torch.Tensor:
         return self.weighted.B
 
-    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def v_step(self, lam: torch.Tensor, fast: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
         m = 2 * self.weighted.A
         m.diagonal(dim1=-2, dim2=-1).add_(lam)
         factor = _cholesky(m)
         del m  # at most two K×K matrices alive besides the Gram matrix: the factor, then the inverse
         m_inv = torch.cholesky_inverse(factor)
+        if fast:  # half the time of the float64 product (and half the memory of the kept inverse)
+            m_inv32 = m_inv.to(torch.float32)
+            del m_inv
+            return lambda r: (r.to(torch.float32) @ m_inv32).to(r.dtype)
         return lambda r: r @ m_inv
 
     def held_out_terms(self) -> _GramTerms:
@@ -313,7 +390,7 @@ class _PlainSolveStatistics(_GramStatistics):
 
     name = "naive"
 
-    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def v_step(self, lam: torch.Tensor, fast: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
         a = self.weighted.A
         m = 2 * a + torch.diag_embed(lam).expand_as(a)
         return lambda r: torch.linalg.solve(m, r.transpose(1, 2)).transpose(1, 2)
@@ -332,8 +409,15 @@ class _ColumnStatistics(_Statistics):
     def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.dtype  # the columns are kept: stored in the solve dtype
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
-        self.terms.add(x, y, h)  # the columns are stored: no product to form
+    def add(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        h: torch.Tensor | None,
+        scratch: torch.Tensor | None,
+        row_scale: torch.Tensor | None = None,
+    ) -> None:
+        self.terms.add(x, y, h)  # the columns are stored (dequantized, as takes_codes is False): no product
 
     def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
         return self.terms.errors(wb, exact)  # the columns give both in one pass
@@ -344,7 +428,7 @@ class _ColumnStatistics(_Statistics):
     def target_product(self) -> torch.Tensor:
         return self.terms.B
 
-    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def v_step(self, lam: torch.Tensor, fast: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
         """With ``S = X·diag(√(2H))`` (``2A = S·Sᵀ``) and ``Λ = diag(lam)``:
         ``R·(SSᵀ + Λ)⁻¹ = RΛ⁻¹ − RΛ⁻¹·S·(I + SᵀΛ⁻¹S)⁻¹·SᵀΛ⁻¹``. ``S`` is never formed: its column weights are
         applied to the ``P``-wide products, so the V-step holds only the stored columns and two ``P×P`` matrices."""
@@ -536,28 +620,65 @@ class LayerSolver:
         return torch.cat([x, x.new_ones(x.shape[0], 1, x.shape[2])], dim=1)
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None = None, held_out: bool = False) -> None:
+    def add(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        h: torch.Tensor | None = None,
+        held_out: bool = False,
+        x_scale: float | None = None,
+    ) -> None:
         """Stream in one chunk.
 
         Args:
             x: quantized input patches ``(groups, K, P_chunk)`` (float32 or float64; the chunk's products
                 are computed in this dtype), or ``(groups, K + 1, P_chunk)`` with the bias's row of ones already
-                last (``input_patches(..., ones_row=True)``). Only read during the call: the caller may reuse it.
+                last (``input_patches(..., ones_row=True)``); or the same patches as int8 codes (see
+                ``x_scale``). Only read during the call: the caller may reuse it.
             y: float targets of the same columns ``(groups, C_out/groups, P_chunk)``.
             h: attention weights of the same columns ``(P_chunk,)``, or ``None`` for all ones.
             held_out: these columns are not fitted; the ADMM iterate (or the round-to-nearest weights) with the
                 lowest error on them is kept (weighted or not as ``best_iterate_error`` says).
+            x_scale: for int8 codes ``x`` (in [-127, 127]; a ones row stays 1): the patches are ``x_scale·x``
+                (``ActQuantizer.codes`` and its step). Unweighted columns on the CPU then give the Gram matrix in
+                exact integer sums, several times faster; the others are dequantized first, to the float32
+                values of the fake-quantized input.
         """
         self._seen += y.shape[-1]
+        if held_out and self.settings.best_iterate_error != "weighted":
+            h = None  # held-out columns rank by the unweighted error
+        row_scale = None
+        if not x.is_floating_point():
+            x, row_scale = self._codes_with_ones(x, x_scale)
+            if not self._sums_codes(x, h):
+                x, row_scale = _dequantize_codes(x, row_scale, y.dtype), None
         if held_out:
-            self._add_held_out(x, y, h)
+            self._add_held_out(x, y, h, row_scale)
             return
-        work = self.statistics.chunk_dtype(x.dtype)
-        x = self._with_ones(x.to(work))
+        work = self.statistics.chunk_dtype(x.dtype if row_scale is None else y.dtype)
+        x = self._with_ones(x if row_scale is not None else x.to(work))
         y = y.to(work)
         hw = h.to(work) if h is not None else None
         self._moments.add(y, hw)
-        self.statistics.add(x, y, hw, self._scratch_for(x, hw))
+        scratch = self._scratch_for(x, hw) if row_scale is None else None
+        self.statistics.add(x, y, hw, scratch, row_scale)
+
+    def _sums_codes(self, codes: torch.Tensor, h: torch.Tensor | None) -> bool:
+        """Whether a chunk of codes with weights ``h`` goes to the exact integer Gram products: Gram statistics on
+        the CPU (``torch._int_mm``), with at most :data:`CODE_GRAM_MAX_WEIGHTS` distinct weights."""
+        if not self.statistics.takes_codes or codes.device.type != "cpu":
+            return False
+        return h is None or torch.unique(h).numel() <= CODE_GRAM_MAX_WEIGHTS
+
+    def _codes_with_ones(self, codes: torch.Tensor, x_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Int8 codes with the bias's ones row, and the scale of each row (``x_scale``; 1 for the ones row)."""
+        if x_scale is None or codes.dtype != torch.int8:
+            raise ValueError(f"Integer patches must be int8 codes with their x_scale, not {codes.dtype} with {x_scale}.")
+        codes = self._with_ones(codes)
+        row_scale = torch.full((codes.shape[1],), float(x_scale), dtype=torch.float64, device=codes.device)
+        if self.has_bias:
+            row_scale[-1] = 1.0
+        return codes, row_scale
 
     def _scratch_for(self, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor | None:
         """The reused ``X·H`` buffer, shaped like the chunk ``x`` (``None`` without weights: nothing to form)."""
@@ -568,20 +689,26 @@ class LayerSolver:
             buf = self._scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
         return buf[..., : x.shape[-1]]
 
-    def _add_held_out(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None) -> None:
+    def _add_held_out(
+        self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, row_scale: torch.Tensor | None
+    ) -> None:
         if self.held is None:
             self.held = self.statistics.held_out_terms()
         x = self._with_ones(x)
-        weighted = h is not None and self.settings.best_iterate_error == "weighted"
-        h = h.to(x.dtype) if weighted else None
-        self.held.add(x, y.to(x.dtype), h, self._scratch_for(x, h))
+        work = y.dtype if row_scale is not None else x.dtype
+        h = h.to(work) if h is not None else None
+        if row_scale is not None:
+            self.held.add(x, y, h, None, row_scale)  # codes: only Gram terms take them
+        else:
+            self.held.add(x, y.to(work), h, self._scratch_for(x, h))
 
     @property
     def _exact_rank(self) -> bool:
-        """Rank in the solve dtype at 4 bits and more. The float32 quadratic term rounds at about 1e-7 of
-        ``‖Y‖²``, near the differences between good 4-bit iterates (output errors ~3e-4 of ``‖Y‖²``): ranked in
-        float32, the bundle SegResNet's W4 output error was 15 % higher. At 2-3 bits float32 ranks as well and
-        costs half as much."""
+        """Rank, and apply the V-step's inverse, in the solve dtype at 4 bits and more. The float32 quadratic term
+        rounds at about 1e-7 of ``‖Y‖²``, near the differences between good 4-bit iterates (output errors ~3e-4 of
+        ``‖Y‖²``): ranked in float32, the bundle SegResNet's W4 output error was 15 % higher. At 2-3 bits float32
+        ranks as well and costs half as much; the V-step's product, whose result is projected onto a grid of 4-8
+        levels, is then in float32 too (its inverse is still computed in the solve dtype)."""
         return self.grid.bits >= 4
 
     def _rank(self, wb: torch.Tensor) -> float:
@@ -704,7 +831,7 @@ class LayerSolver:
         st = self.settings
         eta, rho_cap = st.eta_factor * s, st.rho_cap_factor * s
         state = _AdmmState(st.rho_factor * s, self.w0.clone(), torch.zeros_like(self.w0), start_scale)
-        v_step = _VStepCache(self.statistics, lambda rho: self._diag(rho, eta))
+        v_step = _VStepCache(self.statistics, lambda rho: self._diag(rho, eta), fast=not self._exact_rank)
         b2_prior = 2 * self.statistics.target_product() + _with_bias(self.w0, self.b0) * eta
         selection, history = _Selection(start), []
         it = 0
@@ -747,18 +874,22 @@ class LayerSolver:
 
 
 class _VStepCache:
-    """The V-step of the current ρ: factorised again only when ρ changes (one factorisation per distinct ρ)."""
+    """The V-step of the current ρ: factorised again only when ρ changes (one factorisation per distinct ρ);
+    ``fast`` as in :meth:`_Statistics.v_step`."""
 
-    def __init__(self, statistics: _Statistics, diagonal: Callable[[float], torch.Tensor]) -> None:
+    def __init__(
+        self, statistics: _Statistics, diagonal: Callable[[float], torch.Tensor], fast: bool = False
+    ) -> None:
         self.statistics = statistics
         self.diagonal = diagonal
+        self.fast = fast
         self.rho: float | None = None
         self.inverse: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, rho: float) -> Callable[[torch.Tensor], torch.Tensor]:
         if rho != self.rho:
             self.inverse = None  # the previous ρ's inverse is freed before the next one is computed
-            self.inverse, self.rho = self.statistics.v_step(self.diagonal(rho)), rho
+            self.inverse, self.rho = self.statistics.v_step(self.diagonal(rho), self.fast), rho
         return self.inverse
 
 
@@ -769,6 +900,37 @@ def _weighted_inner(x: torch.Tensor, row_weights: torch.Tensor, rows_per_block: 
         block = x[:, start : start + rows_per_block]
         out.add_(block.transpose(1, 2) @ (block * row_weights[start : start + rows_per_block, None]))
     return out
+
+
+def _dequantize_codes(codes: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``row_scale[:, None]·codes`` in ``dtype``: the same rounding as the fake quantizer's ``k·step``."""
+    return codes.to(dtype).mul_(row_scale.to(dtype)[:, None])
+
+
+def _weighted_code_gram(codes: torch.Tensor, h: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``Σ_p h_p·c_p·c_pᵀ`` over the columns ``c_p`` of int8 codes ``(groups, K, P)`` in ``dtype``: the integer
+    sums are exact, the columns of each distinct weight summed together (``h=None``: all weights 1)."""
+    if h is None:
+        return torch.stack([_code_gram(group) for group in codes]).to(dtype)
+    values, which = torch.unique(h, return_inverse=True)
+    total = None
+    for i, value in enumerate(values.tolist()):
+        columns = codes.index_select(-1, (which == i).nonzero().squeeze(1))
+        part = torch.stack([_code_gram(group) for group in columns]).to(dtype).mul_(value)
+        total = part if total is None else total.add_(part)
+    return total
+
+
+def _code_gram(codes: torch.Tensor) -> torch.Tensor:
+    """``codes·codesᵀ`` of int8 codes ``(K, P)`` in exact integer sums (int32 products of at most
+    :data:`CODE_GRAM_MAX_COLUMNS` columns, summed in int64 beyond)."""
+    if codes.shape[-1] <= CODE_GRAM_MAX_COLUMNS:
+        return torch._int_mm(codes, codes.t())
+    total = torch.zeros(codes.shape[0], codes.shape[0], dtype=torch.int64, device=codes.device)
+    for start in range(0, codes.shape[-1], CODE_GRAM_MAX_COLUMNS):
+        block = codes[:, start : start + CODE_GRAM_MAX_COLUMNS]
+        total.add_(torch._int_mm(block, block.t()))
+    return total
 
 
 def _floor(norm: float) -> float:

@@ -124,3 +124,22 @@ def test_patches_with_the_ones_row(make):
     for (cols, p), (cols1, p1) in zip(plain, with_ones):
         assert cols == cols1 and p1.shape[1] == p.shape[1] + 1
         assert torch.equal(p1[:, :-1], p) and bool((p1[:, -1] == 1).all())
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_patches_of_int8_codes_and_a_column_cap(make):
+    layer = make().double()
+    if isinstance(layer, nn.Linear):
+        codes = torch.randint(0, 4, (2, 30, 7), dtype=torch.int8)
+    else:
+        nd = len(layer.kernel_size)
+        codes = torch.randint(0, 4, (2, layer.in_channels, *[7, 6, 5][:nd]), dtype=torch.int8)
+    floats = [(c, p.clone()) for c, p in input_patches(layer, codes.double(), 1 << 20, torch.float64, True)]
+    capped = [(c, p.clone()) for c, p in input_patches(layer, codes, 1 << 20, torch.int8, True, max_columns=40)]
+    assert all(p.dtype == torch.int8 for _, p in capped)
+    assert len(capped) >= len(floats)
+    if isinstance(layer, nn.Linear):  # rows are columns: capped exactly
+        assert all(p.shape[-1] <= 40 for _, p in capped) and len(capped) > len(floats)
+    joined = torch.cat([p for _, p in capped], dim=-1)
+    assert torch.equal(joined.double(), torch.cat([p for _, p in floats], dim=-1))
+    assert [c.stop for c, _ in capped][-1] == [c.stop for c, _ in floats][-1]

@@ -368,3 +368,14 @@ def test_held_out_volume_does_not_count_towards_the_solver_choice():
     assert wide.solver == "woodbury" and wide.held_out_error is not None
     _, report = _quantize(net, x, weight_bits=2, iterations=3, calib_augment=2, holdout=False, prediction="softmax")
     assert next(r for r in report.layers if r.name == "2").solver == "cholesky"
+
+
+@pytest.mark.parametrize("act_bits", [None, 2])
+def test_quantized_inputs_stream_their_int8_codes(act_bits, monkeypatch):
+    # a layer whose input is quantized (unsigned, at most 7 bits) sums its Gram matrix from the integer codes
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or int_mm(a, b))
+    _, report = _quantize(tiny_segresnet(), volume(16), weight_bits=2, act_bits=act_bits, iterations=3)
+    quantized_inputs = [r for r in report.layers if r.act_bits is not None]
+    assert bool(calls) == bool(quantized_inputs) == (act_bits is not None)

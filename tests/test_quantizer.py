@@ -180,3 +180,22 @@ def test_sweep_errors_equal_a_direct_quantization(kind, bits, rows, n):
     assert swept.shape == direct.shape == (40, rows, 1)
     assert torch.allclose(swept, direct, rtol=1e-10, atol=1e-12)
     assert torch.equal(swept.argmin(dim=0), direct.argmin(dim=0))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 7])
+def test_act_quantizer_codes_times_step_are_its_output(bits):
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 6, 6) * 5
+    quant = ActQuantizer(bits).fit(x)
+    codes = quant.codes(x)
+    assert codes.dtype == torch.int8 and int(codes.min()) >= 0 and int(codes.max()) <= quant.num_levels - 1
+    assert torch.equal(codes.float() * quant.step, quant(x))  # bit for bit: what the Gram sums stand for
+    assert torch.equal(quant.codes(quant(x)), codes)  # the codes of an already quantized input are its own
+
+
+@pytest.mark.parametrize("bits, signed", [(8, False), (2, True)])
+def test_act_quantizer_codes_need_an_unsigned_grid_of_at_most_7_bits(bits, signed):
+    quant = ActQuantizer(bits, signed=signed).fit(torch.randn(100))
+    assert not quant.has_int8_codes
+    with pytest.raises(ValueError, match="unsigned grid of at most 7 bits"):
+        quant.codes(torch.randn(10))

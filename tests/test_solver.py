@@ -42,8 +42,9 @@ def test_fast_solver_gives_the_same_iterates_as_plain_solve(fast, size, attentio
     layer, x, y, h = _problem(size=size)
     h = h if attention else None
     kw = dict(iterations=60, rho_step_every=20, record_history=True, rtn_candidate=False)
-    s_fast, sol_fast = _solve(layer, x, y, h, solver=fast, **kw)
-    s_ref, sol_ref = _solve(layer, x, y, h, solver="naive", **kw)
+    # 4 bits: the dense inverse is applied in float64 (below 4 bits in float32, see the next test)
+    s_fast, sol_fast = _solve(layer, x, y, h, bits=4, solver=fast, **kw)
+    s_ref, sol_ref = _solve(layer, x, y, h, bits=4, solver="naive", **kw)
     assert s_fast.mode == fast and s_ref.mode == "naive"
     assert len(sol_fast.history) == len(sol_ref.history) == 60
     for a, b in zip(sol_fast.history, sol_ref.history):
@@ -73,9 +74,9 @@ def test_one_factorization_per_distinct_rho():
     calls = []
     original = solver.statistics.v_step
 
-    def counting(lam):
+    def counting(lam, fast=False):
         calls.append(float(lam[0]))
-        return original(lam)
+        return original(lam, fast)
 
     solver.statistics.v_step = counting
     sol = solver.solve()
@@ -303,7 +304,12 @@ def test_every_strategy_answers_the_same_questions(mode, attention):
     lam = torch.rand(xs.shape[1], dtype=torch.float64) + 0.5
     normal = 2 * (xs * hs) @ xs.transpose(1, 2) + torch.diag(lam)
     r = torch.randn_like(wb)
-    assert torch.allclose(stats.v_step(lam)(r), r @ torch.linalg.inv(normal), rtol=1e-7, atol=1e-10)
+    expected = r @ torch.linalg.inv(normal)
+    assert torch.allclose(stats.v_step(lam)(r), expected, rtol=1e-7, atol=1e-10)
+    fast = stats.v_step(lam, fast=True)(r)  # the dense inverse applied in float32 (2-3 bit layers)
+    assert fast.dtype == torch.float64 and torch.allclose(fast, expected, rtol=1e-4, atol=1e-5)
+    if mode == "cholesky":
+        assert not torch.equal(fast, stats.v_step(lam)(r))  # it is a float32 product
 
 
 def test_settings_come_from_the_config_by_name():
@@ -381,3 +387,79 @@ def test_chunks_from_a_reused_buffer_give_the_statistics_of_copied_chunks(solver
     assert reused.held.error(probe) == pytest.approx(copied.held.error(probe), rel=1e-12)
     # the weighted error (Cholesky's statistics cannot give the unweighted one without attention-free columns)
     assert reused.statistics.errors(probe)[0] == pytest.approx(copied.statistics.errors(probe)[0], rel=1e-12)
+
+
+def _code_problem(seed=0):
+    """A layer whose input is 2-bit codes times a float32 step, its float32 target and the float64 patches."""
+    torch.manual_seed(seed)
+    layer = nn.Conv3d(3, 4, 3, padding=1)
+    step = float(torch.tensor(0.37, dtype=torch.float32))
+    codes = torch.randint(0, 4, (1, 3, 6, 6, 6), dtype=torch.int8)
+    with torch.no_grad():
+        y = layer(codes.float() * step)
+    return layer.double(), codes, step, y
+
+
+def _code_solver(layer, y, held_out_columns=0):
+    w = weight_matrix(layer).detach()
+    b = layer.bias.detach().reshape(w.shape[0], w.shape[1])
+    settings = SolverSettings(iterations=5, solver="cholesky")
+    return LayerSolver(w, b, UniformGrid(2, "nozero"), True, settings, y[0, 0].numel(), held_out_columns=held_out_columns)
+
+
+@pytest.mark.parametrize("weights", ["none", "classes", "continuous"])
+def test_int8_codes_give_the_gram_statistics_in_exact_sums(weights, monkeypatch):
+    layer, codes, step, y = _code_problem()
+    y_mat = output_matrix(layer, y)
+    n = y_mat.shape[-1]
+    h = {"none": None, "classes": torch.tensor([1.0, 2.5, 7.25])[torch.arange(n) % 3],
+         "continuous": torch.rand(n) + 0.5}[weights]
+    int_mm_calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: int_mm_calls.append(1) or int_mm(a, b))
+    half = n // 2
+    solvers = {}
+    for kind in ("codes", "float64"):
+        solver = _code_solver(layer, y, held_out_columns=half)
+        x = codes if kind == "codes" else codes.double() * step
+        for cols, patches in input_patches(layer, x, 1 << 12, x.dtype, ones_row=True):
+            parts = [(slice(cols.start, min(cols.stop, n - half)), False), (slice(max(cols.start, n - half), cols.stop), True)]
+            for part, held in parts:
+                if part.stop <= part.start:
+                    continue
+                piece = patches[..., part.start - cols.start : part.stop - cols.start]
+                solver.add(piece, y_mat[..., part], h[part] if h is not None else None, held_out=held,
+                           x_scale=step if kind == "codes" else None)
+        solvers[kind] = solver
+    exact, reference = solvers["codes"], solvers["float64"]
+    # exact integer sums (then one rounding per entry) agree with float64 sums to float64 precision; float32 chunk
+    # products (the continuous weights' path, dequantized first) only to float32 precision
+    rtol = 1e-5 if weights == "continuous" else 1e-12
+    assert (len(int_mm_calls) == 0) == (weights == "continuous")
+    for got, want in [(exact.statistics.weighted.A, reference.statistics.weighted.A), (exact.held.A, reference.held.A)]:
+        assert got.dtype == torch.float64
+        assert torch.allclose(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+    b_got, b_want = exact.statistics.target_product(), reference.statistics.target_product()
+    assert torch.allclose(b_got, b_want, rtol=1e-5, atol=1e-5 * float(b_want.abs().max()))  # float32 products of Y
+    assert exact.statistics.norms()[0] == pytest.approx(reference.statistics.norms()[0], rel=1e-6)  # Y² in float32
+    sol_exact, sol_ref = exact.solve(), reference.solve()
+    assert sol_exact.error_weighted == pytest.approx(sol_ref.error_weighted, rel=1e-3)
+
+
+def test_int8_code_gram_beyond_the_int32_column_limit_sums_in_int64(monkeypatch):
+    from monai_efficientq import solver as solver_module
+
+    torch.manual_seed(0)
+    codes = torch.randint(-127, 128, (5, 1000), dtype=torch.int8)
+    monkeypatch.setattr(solver_module, "CODE_GRAM_MAX_COLUMNS", 300)
+    got = solver_module._code_gram(codes)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, codes.long() @ codes.long().t())
+
+
+def test_int8_codes_need_their_scale():
+    layer, codes, step, y = _code_problem()
+    solver = _code_solver(layer, y)
+    patches = next(iter(input_patches(layer, codes, 1 << 12, torch.int8)))[1]
+    with pytest.raises(ValueError, match="int8 codes with their x_scale"):
+        solver.add(patches, output_matrix(layer, y)[..., : patches.shape[-1]])
