@@ -39,6 +39,10 @@ _MIN_IMPROVEMENT = 1e-4
 #: the bias's row of ones sums to at most the column count).
 CODE_GRAM_MAX_COLUMNS = 2**17
 
+#: Fewer columns than this do not go to ``torch._int_mm``: on the CPU (torch 2.13) it returns wrong sums for a
+#: single column.
+_INT_MM_MIN_COLUMNS = 8
+
 #: At most this many distinct attention weights in a chunk of codes: each gets its own exact integer Gram product.
 CODE_GRAM_MAX_WEIGHTS = 16
 
@@ -924,6 +928,9 @@ def _weighted_code_gram(codes: torch.Tensor, h: torch.Tensor | None, dtype: torc
 def _code_gram(codes: torch.Tensor) -> torch.Tensor:
     """``codes·codesᵀ`` of int8 codes ``(K, P)`` in exact integer sums (int32 products of at most
     :data:`CODE_GRAM_MAX_COLUMNS` columns, summed in int64 beyond)."""
+    if codes.shape[-1] < _INT_MM_MIN_COLUMNS:  # exact in float64 too: at most 7 products of at most 127²
+        wide = codes.to(torch.float64)
+        return (wide @ wide.t()).to(torch.int64)
     if codes.shape[-1] <= CODE_GRAM_MAX_COLUMNS:
         return torch._int_mm(codes, codes.t())
     total = torch.zeros(codes.shape[0], codes.shape[0], dtype=torch.int64, device=codes.device)

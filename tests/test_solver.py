@@ -463,3 +463,13 @@ def test_int8_codes_need_their_scale():
     patches = next(iter(input_patches(layer, codes, 1 << 12, torch.int8)))[1]
     with pytest.raises(ValueError, match="int8 codes with their x_scale"):
         solver.add(patches, output_matrix(layer, y)[..., : patches.shape[-1]])
+
+
+@pytest.mark.parametrize("columns", [0, 1, 2, 7, 8, 9, 64])
+def test_int8_code_gram_of_few_columns_is_exact(columns):
+    # torch._int_mm on the CPU gives wrong sums for one column: _code_gram must not depend on it there
+    from monai_efficientq.solver import _code_gram
+
+    torch.manual_seed(columns)
+    codes = torch.randint(-127, 128, (1728, columns), dtype=torch.int8)
+    assert torch.equal(_code_gram(codes).long(), codes.long() @ codes.long().t())
