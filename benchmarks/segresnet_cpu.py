@@ -63,7 +63,8 @@ def _one(args: dict[str, Any]) -> dict[str, Any]:
     setting = Setting.parse(args["setting"])
     method, _, original = args["method"].partition("_")
     cfg = EfficientQConfig(weight_bits=setting.weight_bits, act_bits=setting.act_bits, method=method,
-                           preset=original or "default", iterations=args["iterations"], progress=False)
+                           preset=original or "default", iterations=args["iterations"], progress=False,
+                           seed=args.get("seed", 0))
     with Stopwatch(torch.device("cpu")) as clock:
         qnet, report = quantize_network(net, volumes["calib"], cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +73,7 @@ def _one(args: dict[str, Any]) -> dict[str, Any]:
         size = os.path.getsize(path)
     errors = _errors(net, qnet, volumes)
     return {
-        "setting": setting.name, "method": args["method"], "preset": original or "default",
+        "setting": setting.name, "method": args["method"], "preset": original or "default", "seed": args.get("seed", 0),
         "seconds": round(clock.seconds, 1), "peak_rss_mb": round(peak_memory_mb(torch.device("cpu"))),
         "rel_output_error_calib": errors["calib"], "rel_output_error_held_out": errors["held_out"],
         "voxel_agreement_held_out": errors["held_out_label_agreement"],
@@ -101,6 +102,7 @@ def run(
     settings: Any = ",".join(SETTINGS),
     methods: Any = "rtn,efficientq",
     out: str | None = None,
+    seed: int = 0,
 ) -> list:
     """Run every (setting, method) pair and print one JSON row each, then a Markdown table.
 
@@ -114,6 +116,8 @@ def run(
         settings: comma-separated subset of W4,W3,W2,W2A2.
         methods: comma-separated subset of rtn, efficientq, efficientq_original.
         out: optional JSON file for the rows.
+        seed: ``EfficientQConfig.seed`` (the augmented copies and the activation sub-sampling): another seed is
+            another draw of the same method, which shows how far a result moves with its last bits.
     """
     if checkpoint and not os.path.isfile(checkpoint):
         print(f"{checkpoint} not found: using random weights")
@@ -122,7 +126,7 @@ def run(
     for setting in as_list(settings):
         for method in as_list(methods):
             args = {"threads": threads, "size": size, "iterations": iterations, "checkpoint": checkpoint,
-                    "calib": calib, "held_out": held_out, "setting": setting, "method": method}
+                    "calib": calib, "held_out": held_out, "setting": setting, "method": method, "seed": seed}
             rows.append(run_in_fresh_process(_one, args))
             print(json.dumps(rows[-1]), flush=True)
     _print_table(rows, threads, size, iterations)
