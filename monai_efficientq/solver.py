@@ -119,8 +119,8 @@ class _GramTerms:
 
     Each chunk's products are computed in the chunk's dtype (float32 for network activations: the
     costly part, as in GPTQ's Hessian) and summed over chunks in ``dtype`` (float64 by default), in which
-    the ADMM solves. A chunk of integer activation codes (unweighted) gives its ``A`` exactly, from an int8
-    product with int32 sums (:func:`_code_gram`), several times faster than the float32 one.
+    the ADMM solves. A chunk of int8 activation codes gives its ``A`` from exact int32 sums (:func:`_code_gram`,
+    one product per distinct attention weight), several times faster than the float32 product.
     """
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -319,9 +319,8 @@ class _Statistics(ABC):
         """``B = Y·H·Xᵀ``."""
 
     @abstractmethod
-    def v_step(self, lam: torch.Tensor, fast: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``R ↦ R·(2A + diag(lam))⁻¹``, factorised once; ``fast``: the per-iteration product may run in float32
-        (the strategies that keep a dense inverse do so)."""
+    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``R ↦ R·(2A + diag(lam))⁻¹``, factorised once."""
 
     @abstractmethod
     def held_out_terms(self) -> _GramTerms | _ColumnTerms:
@@ -373,16 +372,12 @@ class _GramStatistics(_Statistics):
     def target_product(self) -> torch.Tensor:
         return self.weighted.B
 
-    def v_step(self, lam: torch.Tensor, fast: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         m = 2 * self.weighted.A
         m.diagonal(dim1=-2, dim2=-1).add_(lam)
         factor = _cholesky(m)
         del m  # at most two K×K matrices alive besides the Gram matrix: the factor, then the inverse
         m_inv = torch.cholesky_inverse(factor)
-        if fast:  # half the time of the float64 product (and half the memory of the kept inverse)
-            m_inv32 = m_inv.to(torch.float32)
-            del m_inv
-            return lambda r: (r.to(torch.float32) @ m_inv32).to(r.dtype)
         return lambda r: r @ m_inv
 
     def held_out_terms(self) -> _GramTerms:
@@ -394,7 +389,7 @@ class _PlainSolveStatistics(_GramStatistics):
 
     name = "naive"
 
-    def v_step(self, lam: torch.Tensor, fast: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         a = self.weighted.A
         m = 2 * a + torch.diag_embed(lam).expand_as(a)
         return lambda r: torch.linalg.solve(m, r.transpose(1, 2)).transpose(1, 2)
@@ -432,7 +427,7 @@ class _ColumnStatistics(_Statistics):
     def target_product(self) -> torch.Tensor:
         return self.terms.B
 
-    def v_step(self, lam: torch.Tensor, fast: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    def v_step(self, lam: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """With ``S = X·diag(√(2H))`` (``2A = S·Sᵀ``) and ``Λ = diag(lam)``:
         ``R·(SSᵀ + Λ)⁻¹ = RΛ⁻¹ − RΛ⁻¹·S·(I + SᵀΛ⁻¹S)⁻¹·SᵀΛ⁻¹``. ``S`` is never formed: its column weights are
         applied to the ``P``-wide products, so the V-step holds only the stored columns and two ``P×P`` matrices."""
@@ -708,11 +703,10 @@ class LayerSolver:
 
     @property
     def _exact_rank(self) -> bool:
-        """Rank, and apply the V-step's inverse, in the solve dtype at 4 bits and more. The float32 quadratic term
-        rounds at about 1e-7 of ``‖Y‖²``, near the differences between good 4-bit iterates (output errors ~3e-4 of
-        ``‖Y‖²``): ranked in float32, the bundle SegResNet's W4 output error was 15 % higher. At 2-3 bits float32
-        ranks as well and costs half as much; the V-step's product, whose result is projected onto a grid of 4-8
-        levels, is then in float32 too (its inverse is still computed in the solve dtype)."""
+        """Rank in the solve dtype at 4 bits and more. The float32 quadratic term rounds at about 1e-7 of
+        ``‖Y‖²``, near the differences between good 4-bit iterates (output errors ~3e-4 of ``‖Y‖²``): ranked in
+        float32, the bundle SegResNet's W4 output error was 15 % higher. At 2-3 bits float32 ranks as well and
+        costs half as much."""
         return self.grid.bits >= 4
 
     def _rank(self, wb: torch.Tensor) -> float:
@@ -835,7 +829,7 @@ class LayerSolver:
         st = self.settings
         eta, rho_cap = st.eta_factor * s, st.rho_cap_factor * s
         state = _AdmmState(st.rho_factor * s, self.w0.clone(), torch.zeros_like(self.w0), start_scale)
-        v_step = _VStepCache(self.statistics, lambda rho: self._diag(rho, eta), fast=not self._exact_rank)
+        v_step = _VStepCache(self.statistics, lambda rho: self._diag(rho, eta))
         b2_prior = 2 * self.statistics.target_product() + _with_bias(self.w0, self.b0) * eta
         selection, history = _Selection(start), []
         it = 0
@@ -878,22 +872,18 @@ class LayerSolver:
 
 
 class _VStepCache:
-    """The V-step of the current ρ: factorised again only when ρ changes (one factorisation per distinct ρ);
-    ``fast`` as in :meth:`_Statistics.v_step`."""
+    """The V-step of the current ρ: factorised again only when ρ changes (one factorisation per distinct ρ)."""
 
-    def __init__(
-        self, statistics: _Statistics, diagonal: Callable[[float], torch.Tensor], fast: bool = False
-    ) -> None:
+    def __init__(self, statistics: _Statistics, diagonal: Callable[[float], torch.Tensor]) -> None:
         self.statistics = statistics
         self.diagonal = diagonal
-        self.fast = fast
         self.rho: float | None = None
         self.inverse: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, rho: float) -> Callable[[torch.Tensor], torch.Tensor]:
         if rho != self.rho:
             self.inverse = None  # the previous ρ's inverse is freed before the next one is computed
-            self.inverse, self.rho = self.statistics.v_step(self.diagonal(rho), self.fast), rho
+            self.inverse, self.rho = self.statistics.v_step(self.diagonal(rho)), rho
         return self.inverse
 
 
