@@ -902,16 +902,20 @@ def _dequantize_codes(codes: torch.Tensor, row_scale: torch.Tensor, dtype: torch
 
 
 def _weighted_code_gram(codes: torch.Tensor, h: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``Σ_p h_p·c_p·c_pᵀ`` over the columns ``c_p`` of int8 codes ``(groups, K, P)`` in ``dtype``: the integer
-    sums are exact, the columns of each distinct weight summed together (``h=None``: all weights 1)."""
+    """``Σ_p h_p·c_p·c_pᵀ`` over the columns ``c_p`` of int8 codes ``(groups, K, P)`` in ``dtype`` (``h=None``: all
+    weights 1), from exact integer sums: every column at the most frequent weight ``w0``, plus, for each other
+    weight ``w``, ``(w − w0)`` times the sums of its own columns (gathered: the few tumour or tissue voxels)."""
+    all_columns = torch.stack([_code_gram(group) for group in codes]).to(dtype)
     if h is None:
-        return torch.stack([_code_gram(group) for group in codes]).to(dtype)
-    values, which = torch.unique(h, return_inverse=True)
-    total = None
+        return all_columns
+    values, which, counts = torch.unique(h, return_inverse=True, return_counts=True)
+    major = int(counts.argmax())
+    total = all_columns.mul_(float(values[major]))
     for i, value in enumerate(values.tolist()):
-        columns = codes.index_select(-1, (which == i).nonzero().squeeze(1))
-        part = torch.stack([_code_gram(group) for group in columns]).to(dtype).mul_(value)
-        total = part if total is None else total.add_(part)
+        if i != major:
+            columns = codes.index_select(-1, (which == i).nonzero().squeeze(1))
+            part = torch.stack([_code_gram(group) for group in columns]).to(dtype)
+            total.add_(part, alpha=value - float(values[major]))
     return total
 
 
