@@ -321,7 +321,7 @@ class _QuantizingRun:
         solver = self._layer_solver(layer, y, weight_bits)
         if self.cfg.method == "rtn":
             return self._round_to_nearest(solver)
-        with self.timer("gram"):  # im2col chunks in the activations' dtype; the solver sums their products
+        with self.timer("gram"):  # im2col chunks (int8 codes of a quantized input, else float); the solver sums products
             h = h_map.reshape(-1).to(self.device) if h_map is not None else None
             self._stream(solver, layer, xq, y, h, act_quant)
         sol = solver.solve(attention_mean=float(h.mean()) if h is not None else 1.0)

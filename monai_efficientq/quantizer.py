@@ -276,6 +276,10 @@ def quantize_rtn(
     return dequantize(codes, scale, grid, values.dtype), scale, codes
 
 
+#: Values converted at a time by :meth:`ActQuantizer.codes`.
+_CODES_BLOCK = 1 << 22
+
+
 class ActQuantizer(nn.Module):
     """Per-tensor fake quantizer of a layer's input: ``x̂ = offset + step · clamp(round((x - offset)/step))``.
 
@@ -330,7 +334,13 @@ class ActQuantizer(nn.Module):
         if not self.has_int8_codes:
             raise ValueError(f"int8 codes need an unsigned grid of at most 7 bits, not {self.extra_repr()}.")
         step = self.step.to(x.dtype)
-        return torch.div(x, step).round_().clamp_(0, self.num_levels - 1).to(torch.int8)
+        values = x.reshape(-1)
+        codes = torch.empty(values.shape, dtype=torch.int8, device=x.device)
+        block = _CODES_BLOCK  # a float temporary of 16 MB, not one the size of a layer's whole input
+        for start in range(0, values.numel(), block):
+            part = torch.div(values[start : start + block], step).round_().clamp_(0, self.num_levels - 1)
+            codes[start : start + block] = part
+        return codes.reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, step={float(self.step):.4g}, offset={float(self.offset):.4g}"

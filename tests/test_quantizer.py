@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from monai_efficientq import quantizer as quantizer_module
 from monai_efficientq.quantizer import ActQuantizer, UniformGrid, fit_scale, pack_codes, quantize_rtn, unpack_codes
 
 
@@ -182,8 +183,9 @@ def test_sweep_errors_equal_a_direct_quantization(kind, bits, rows, n):
     assert torch.equal(swept.argmin(dim=0), direct.argmin(dim=0))
 
 
-@pytest.mark.parametrize("bits", [2, 4, 7])
-def test_act_quantizer_codes_times_step_are_its_output(bits):
+@pytest.mark.parametrize("bits, block", [(2, 1 << 22), (4, 1 << 22), (7, 1 << 22), (2, 7)])
+def test_act_quantizer_codes_times_step_are_its_output(bits, block, monkeypatch):
+    monkeypatch.setattr(quantizer_module, "_CODES_BLOCK", block)  # 7: many blocks, the last one partial
     torch.manual_seed(1)
     x = torch.rand(2, 3, 6, 6) * 5
     quant = ActQuantizer(bits).fit(x)
