@@ -262,11 +262,14 @@ class _QuantizingRun:
     def _quantized_input(
         self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None, act_bits: int | None
     ) -> tuple[ActQuantizer | None, torch.Tensor]:
-        """The layer's input quantizer (``None`` for a float input) and its input as the layer will see it."""
+        """The layer's input quantizer (``None`` for a float input) and its input as the layer will see it: as int8
+        codes where the Gram sums take them (``_stream``; a quarter of the memory of the float copy)."""
         if act_bits is None:
             return None, x
         with self.timer("act_fit"):
             act_quant = self._fit_input_quantizer(layer, x, y, h_map, act_bits)
+            if act_quant.has_int8_codes and self.device.type == "cpu":
+                return act_quant, act_quant.codes(x)
             return act_quant, act_quant(x)
 
     def _fit_input_quantizer(
@@ -317,7 +320,8 @@ class _QuantizingRun:
         act_quant: ActQuantizer | None = None,
     ) -> LayerSolution:
         """Round-to-nearest, or EfficientQ on the statistics streamed from ``xq`` (quantized by ``act_quant``, or
-        float when ``None``) and ``y``, with every error the report gives."""
+        float when ``None``; int8 codes as :meth:`_quantized_input` gives them) and ``y``, with every error the report
+        gives."""
         solver = self._layer_solver(layer, y, weight_bits)
         if self.cfg.method == "rtn":
             return self._round_to_nearest(solver)
@@ -328,7 +332,8 @@ class _QuantizingRun:
         if math.isnan(sol.rtn_error):  # round-to-nearest's unweighted error, by a direct forward of the layer
             with self.timer("errors"):
                 fit = self._fitted_rows(y)
-                rtn_error = _relative_errors(layer, xq[fit], sol.rtn_weight, layer.bias, y[fit].to(self.device))[0]
+                x_fit = xq[fit] if xq.is_floating_point() else xq[fit].float() * act_quant.step  # codes: exact
+                rtn_error = _relative_errors(layer, x_fit, sol.rtn_weight, layer.bias, y[fit].to(self.device))[0]
                 sol = dataclasses.replace(sol, rtn_error=rtn_error)
         return sol
 
@@ -343,13 +348,13 @@ class _QuantizingRun:
     ) -> None:
         """Stream the layer's im2col columns into ``solver``; with ``holdout``, the last volume's are held out.
 
-        On the CPU, an input quantized to int8 codes streams those codes: their Gram matrices are summed exactly in
-        integers (``LayerSolver.add``), several times faster than in float32."""
+        An input given as int8 codes (``act_quant``'s, on the CPU) streams those codes: their Gram matrices are summed
+        exactly in integers (``LayerSolver.add``), several times faster than in float32."""
         y_mat = output_matrix(layer, y)
         held_from = self._held_out_from(y, y_mat.shape[-1])
         xq, x_scale, max_columns = xq.to(self.device), None, None
-        if act_quant is not None and act_quant.has_int8_codes and xq.device.type == "cpu":
-            xq, x_scale, max_columns = act_quant.codes(xq), float(act_quant.step), CODE_GRAM_MAX_COLUMNS
+        if not xq.is_floating_point():
+            x_scale, max_columns = float(act_quant.step), CODE_GRAM_MAX_COLUMNS
         chunks = input_patches(layer, xq, self.cfg.chunk_bytes, xq.dtype, solver.has_bias, max_columns)
         for cols, patches in chunks:
             for part, piece, held in _split_columns(cols, patches, held_from):
