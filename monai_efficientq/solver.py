@@ -281,6 +281,8 @@ class _Statistics(ABC):
     """
 
     name = ""
+    #: whether :meth:`add` takes int8 codes with a ``row_scale`` (summed exactly); else they come dequantized
+    takes_codes = False
 
     def __init__(self, dtype: torch.dtype, keep_unweighted: bool) -> None:
         self.dtype = dtype
@@ -289,9 +291,6 @@ class _Statistics(ABC):
     @abstractmethod
     def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype in which a chunk arriving in ``dtype`` is added."""
-
-    #: whether :meth:`add` takes int8 codes with a ``row_scale`` (summed exactly); else they come dequantized
-    takes_codes = False
 
     @abstractmethod
     def add(
