@@ -638,9 +638,9 @@ class LayerSolver:
             held_out: these columns are not fitted; the ADMM iterate (or the round-to-nearest weights) with the
                 lowest error on them is kept (weighted or not as ``best_iterate_error`` says).
             x_scale: for int8 codes ``x`` (in [-127, 127]; a ones row stays 1): the patches are ``x_scale·x``
-                (``ActQuantizer.codes`` and its step). Unweighted columns on the CPU then give the Gram matrix in
-                exact integer sums, several times faster; the others are dequantized first, to the float32
-                values of the fake-quantized input.
+                (``ActQuantizer.codes`` and its step). On the CPU, with at most :data:`CODE_GRAM_MAX_WEIGHTS`
+                distinct weights in ``h``, the Gram matrix then comes from exact integer sums, several times
+                faster; other chunks are dequantized first, to the float32 values of the fake-quantized input.
         """
         self._seen += y.shape[-1]
         if held_out and self.settings.best_iterate_error != "weighted":
