@@ -43,7 +43,8 @@ CODE_GRAM_MAX_COLUMNS = 2**17
 #: single column.
 _INT_MM_MIN_COLUMNS = 8
 
-#: At most this many distinct attention weights in a chunk of codes: each gets its own exact integer Gram product.
+#: At most this many distinct attention weights in a chunk of codes: each but the most frequent one gets its own
+#: exact integer Gram product of its gathered columns.
 CODE_GRAM_MAX_WEIGHTS = 16
 
 #: Bytes of the float block into which a chunk of codes is converted, block by block, for ``B = Y·Xᵀ``.
@@ -119,8 +120,8 @@ class _GramTerms:
 
     Each chunk's products are computed in the chunk's dtype (float32 for network activations: the
     costly part, as in GPTQ's Hessian) and summed over chunks in ``dtype`` (float64 by default), in which
-    the ADMM solves. A chunk of int8 activation codes gives its ``A`` from exact int32 sums (:func:`_code_gram`,
-    one product per distinct attention weight), several times faster than the float32 product.
+    the ADMM solves. A chunk of int8 activation codes gives its ``A`` from exact int32 sums (:func:`_code_gram`;
+    with attention weights, see :func:`_weighted_code_gram`), several times faster than the float32 product.
     """
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -160,9 +161,9 @@ class _GramTerms:
     def _code_products(
         self, codes: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, row_scale: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of a chunk of int8 codes: ``A`` from exact integer sums, one per distinct weight in ``h`` (the
-        class-balanced attention takes a few), weighted and scaled in ``dtype``; ``B`` over column blocks
-        dequantized (exactly) into one small reused float buffer, in ``y``'s dtype."""
+        """``(A, B)`` of a chunk of int8 codes: ``A`` from exact integer sums (:func:`_weighted_code_gram`; the
+        class-balanced attention takes a few distinct weights), weighted and scaled in ``dtype``; ``B`` over column
+        blocks dequantized (exactly) into one small reused float buffer, in ``y``'s dtype."""
         scale = row_scale.to(self.dtype)
         a = _weighted_code_gram(codes, h, self.dtype)
         a.mul_(scale[:, None]).mul_(scale)
