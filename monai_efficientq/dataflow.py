@@ -14,7 +14,8 @@ segmentation", Medical Image Analysis 97, 2024: "first and last layers keep 8-bi
   convolution whose output the identity residual adds to the output).
 
 The data flow is traced with autograd: one forward pass with grad enabled, on a ``meta`` copy of the network
-(no memory, no compute) or, when that fails, on a real copy. Forward hooks record, for every layer call, the
+(no memory, no compute) or, when that fails, on a real copy; a small network on a small input is traced on a real
+copy and one sample first (cheaper than the meta device's per-operation overhead). Forward hooks record, for every layer call, the
 ``grad_fn`` node of its output and of its input; the graph is then walked through ``next_functions``.
 """
 
@@ -137,19 +138,37 @@ def _hook(trace: _Trace, name: str):
     return hook
 
 
+#: A network input of at most this many values per sample, for a network of at most
+#: :data:`REAL_TRACE_MAX_WEIGHTS` weights, is traced on a real copy and one sample first: the meta device runs many
+#: operations through Python decompositions (e.g. a trilinear upsampling), which takes about a second, far more
+#: than a small real forward.
+REAL_TRACE_MAX_VALUES = 2**18
+#: See :data:`REAL_TRACE_MAX_VALUES` (a real copy copies the weights).
+REAL_TRACE_MAX_WEIGHTS = 2**23
+
+
+def _real_first(net: nn.Module, x: torch.Tensor) -> bool:
+    """Whether to trace on a real copy of ``net`` and one sample of ``x`` before trying the meta device."""
+    if x.dim() == 0 or x.shape[0] == 0 or x[:1].numel() > REAL_TRACE_MAX_VALUES:
+        return False
+    return sum(p.numel() for p in net.parameters()) <= REAL_TRACE_MAX_WEIGHTS
+
+
 def _run_trace(net: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]) -> _Trace:
-    """Trace on the meta device; on failure on a real copy; on failure again without grad (call order only)."""
-    try:
-        return _trace(net, x, layers, meta=True)
-    except Exception as err:  # data-dependent control flow, .item(), CPU-only ops, ...
-        _logger.debug("edge_layers: meta forward failed (%s: %s); tracing on a real copy.", type(err).__name__, err)
-    try:
-        return _trace(net, x, layers, meta=False)
-    except Exception as err:  # an op that refuses autograd in its forward
-        _logger.warning(
-            "edge_layers: the forward with grad failed (%s: %s); first/last layers fall back to call order.",
-            type(err).__name__, err,
-        )
+    """Trace on the meta device, then on failure on a real copy (for a small input and network: first on a real copy
+    and one sample, then on the meta device); on failure again without grad (call order only)."""
+    tries = [(False, x[:1]), (True, x)] if _real_first(net, x) else [(True, x), (False, x)]
+    for meta, data in tries:
+        try:
+            return _trace(net, data, layers, meta=meta)
+        except Exception as err:  # meta: data-dependent control flow, .item(), CPU-only ops; real: an op refusing grad
+            _logger.debug("edge_layers: the %s forward failed (%s: %s).", "meta" if meta else "real", type(err).__name__,
+                          err)
+            failure = err
+    _logger.warning(
+        "edge_layers: the forward with grad failed (%s: %s); first/last layers fall back to call order.",
+        type(failure).__name__, failure,
+    )
     return _trace(net, x, layers, meta=False, grad=False)
 
 
@@ -198,7 +217,8 @@ def edge_layers(net: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]) -
     A layer is first when its input comes from the network input without passing through another layer of
     ``layers``, and last when its output reaches the network output (for a list/tuple/dict output, e.g. deep
     supervision: its first tensor) without passing through another layer of ``layers``. Layers never called
-    are in neither list. The forward runs once on a meta-device copy of ``net`` (on a real copy if that raises);
+    are in neither list. The forward runs once on a meta-device copy of ``net`` (on a real copy if that raises; first
+    on a real copy and one sample for a small input and network, see :data:`REAL_TRACE_MAX_VALUES`);
     ``net`` itself is not run, changed or hooked. If the autograd graph does not connect the input to any layer,
     or any layer to the output (e.g. an op that is not differentiable), that side falls back to the call order
     (the first, resp. last, layer called) and a warning is logged.

@@ -71,25 +71,71 @@ def _rows(values: torch.Tensor, per_row: bool) -> torch.Tensor:
     return values.reshape(values.shape[0], -1) if per_row else values.reshape(1, -1)
 
 
+class _SortedRows:
+    """The rows of a ``(rows, n)`` tensor sorted once, with their prefix sums and those of their squares.
+
+    The values of a row that a uniform grid at some scale rounds to one level form a contiguous run of the sorted
+    row, so the count, sum and sum of squares of every level's values follow from a bisection at each boundary
+    between levels. A step of an alternating least-squares fit then costs a few operations per level instead of
+    quantizing every value (:func:`_best_of_starts`, :func:`_fit_affine`).
+    """
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.ordered = values.sort(dim=-1).values
+        zero = self.ordered.new_zeros(self.ordered.shape[0], 1)
+        self.prefix = torch.cat([zero, self.ordered.cumsum(dim=-1)], dim=-1)
+        self._prefix_squares: torch.Tensor | None = None
+
+    @property
+    def presorted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sorted rows, prefix sums)`` as :func:`_sweep_errors` takes them."""
+        return self.ordered, self.prefix
+
+    def runs(self, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The count, sum and sum of squares of each run of each row, ``(rows, ..., L)`` each, for ascending
+        ``boundaries`` ``(rows, ..., L − 1)`` between the runs; a value equal to a boundary is in the run above."""
+        if self._prefix_squares is None:
+            squares = (self.ordered * self.ordered).cumsum(dim=-1)
+            self._prefix_squares = torch.cat([squares.new_zeros(squares.shape[0], 1), squares], dim=-1)
+        num_rows = boundaries.shape[0]
+        inner = torch.searchsorted(self.ordered, boundaries.reshape(num_rows, -1).contiguous())
+        inner = inner.reshape(boundaries.shape)
+        edge = inner.new_zeros(*inner.shape[:-1], 1)
+        bounds = torch.cat([edge, inner, edge + self.ordered.shape[-1]], dim=-1)
+        flat = bounds.reshape(num_rows, -1)
+        counts = bounds.diff(dim=-1).to(self.ordered.dtype)
+        sums = self.prefix.gather(1, flat).reshape(bounds.shape).diff(dim=-1)
+        squares = self._prefix_squares.gather(1, flat).reshape(bounds.shape).diff(dim=-1)
+        return counts, sums, squares
+
+
 def _best_of_sweep(
-    v: torch.Tensor, unit: torch.Tensor, grid: UniformGrid, points: int, keep: int
+    v: torch.Tensor, unit: torch.Tensor, grid: UniformGrid, points: int, keep: int,
+    presorted: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The ``keep`` best scales per row among ``points`` evenly spaced in ``(0, 1.5·unit]``: ``(keep, rows, 1)``."""
+    """The ``keep`` best scales per row among ``points`` evenly spaced in ``(0, 1.5·unit]``: ``(keep, rows, 1)``
+    (``presorted``: see :func:`_sweep_errors`)."""
     fracs = torch.linspace(0.05, 1.5, points, dtype=torch.float64, device=v.device)
-    err = _sweep_errors(v, fracs.view(-1, 1, 1) * unit, grid)  # (points, rows, 1)
+    err = _sweep_errors(v, fracs.view(-1, 1, 1) * unit, grid, presorted)  # (points, rows, 1)
     idx = err.topk(min(keep, points), dim=0, largest=False).indices
     return fracs[idx] * unit
 
 
-def _sweep_errors(v: torch.Tensor, scales: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
+def _sweep_errors(
+    v: torch.Tensor, scales: torch.Tensor, grid: UniformGrid, presorted: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """``‖v − a·level(v/a)‖²`` of each row of ``v`` (``(rows, n)``) for every scale ``a`` in ``scales``
     (``(points, rows, 1)``), without quantizing ``v`` once per scale: with the row sorted, the values that round to
     each level are a contiguous run, found by bisection at the midpoints between levels, and the two sums the
-    error needs, ``⟨v, l⟩`` and ``⟨l, l⟩``, come from the run's bounds and the row's prefix sums."""
+    error needs, ``⟨v, l⟩`` and ``⟨l, l⟩``, come from the run's bounds and the row's prefix sums. ``presorted``:
+    the rows already sorted and their prefix sums with a leading zero, ``((rows, n), (rows, n + 1))``."""
     rows, n = v.shape
     points = scales.shape[0]
-    ordered = v.sort(dim=-1).values
-    prefix = torch.cat([ordered.new_zeros(rows, 1), ordered.cumsum(dim=-1)], dim=-1)  # (rows, n + 1)
+    if presorted is None:
+        ordered = v.sort(dim=-1).values
+        prefix = torch.cat([ordered.new_zeros(rows, 1), ordered.cumsum(dim=-1)], dim=-1)  # (rows, n + 1)
+    else:
+        ordered, prefix = presorted
     levels = grid.levels(torch.arange(grid.num_levels, device=v.device), v.dtype)
     midpoints = (levels[:-1] + levels[1:]) / 2
     # (rows, points·(L−1)): the first index of each row at or above each scaled midpoint
@@ -151,13 +197,14 @@ def fit_scale(
         scale, codes = _alternate(v, start, grid, max_iter)
         scale = torch.where(zero_rows, torch.zeros_like(scale), scale)
         return scale, codes.to(torch.int64).reshape(shape)
+    rows = _SortedRows(v)
     starts = [v.abs().mean(dim=1, keepdim=True)]
     points = coarse_points or int(min(128, max(16, 2**22 // max(v.numel(), 1))))
-    starts += list(_best_of_sweep(v, safe_max / grid.max_abs, grid, points, keep=4))
+    starts += list(_best_of_sweep(v, safe_max / grid.max_abs, grid, points, keep=4, presorted=rows.presorted))
     scale = torch.stack(starts)  # (starts, rows, 1)
     scale = torch.where(zero_rows | (scale <= 0), torch.ones_like(scale), scale)
 
-    best_scale = _best_of_starts(v, scale, grid, max_iter, rtol)
+    best_scale = _best_of_starts(v, scale, grid, max_iter, rtol, rows)
     best_scale = torch.where(zero_rows, torch.zeros_like(best_scale), best_scale)
     codes = grid.codes(v / torch.where(zero_rows, torch.ones_like(best_scale), best_scale))
     return best_scale, codes.reshape(shape)
@@ -171,49 +218,47 @@ def _levels_for(v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid) -> torc
 
 
 def _best_of_starts(
-    v: torch.Tensor, starts: torch.Tensor, grid: UniformGrid, max_iter: int, rtol: float
+    v: torch.Tensor, starts: torch.Tensor, grid: UniformGrid, max_iter: int, rtol: float,
+    rows: _SortedRows | None = None,
 ) -> torch.Tensor:
     """Run the alternation from every start of every row (``starts``: ``(S, rows, 1)``) and return each row's
     scale with the lowest error seen, ``(rows, 1)``.
 
-    Each (start, row) pair stops on its own once its scale moves by at most ``rtol`` (relative; the same codes
-    give the same scale, so a fixed point stops at once) or after ``max_iter`` updates, and only the pairs still
-    moving are computed: most converge in a few steps. The error of a scale ``a`` with levels ``l`` is
-    ``‖v‖² − 2a⟨v, l⟩ + a²⟨l, l⟩``, from the two sums the update needs anyway.
+    Each (start, row) pair is computed until the pairs still moving (scale moved by more than ``rtol``, relative)
+    fall below three quarters of those computed, which then continue alone, or until none moves or ``max_iter``
+    updates. The error of a scale ``a`` with levels ``l`` is ``‖v‖² − 2a⟨v, l⟩ + a²⟨l, l⟩``. Both sums come from the
+    runs of the sorted rows (``rows``, :class:`_SortedRows` of ``v``, built when not given): each step costs a
+    bisection per level boundary instead of quantizing the values.
     """
-    num_starts, rows = starts.shape[0], v.shape[0]
-    pair_v = v.repeat(num_starts, 1)  # pair p = start p // rows of row p % rows
-    pair_vv = (pair_v * pair_v).sum(dim=-1, keepdim=True)
-    scale = starts.reshape(-1, 1).clone()
+    rows = rows if rows is not None else _SortedRows(v)
+    levels = grid.levels(torch.arange(grid.num_levels, device=v.device), torch.float64)
+    midpoints = (levels[:-1] + levels[1:]) / 2
+    vv = (v * v).sum(dim=-1)  # (rows,)
+    scale = starts.reshape(starts.shape[0], -1).t().clone()  # (rows, S): pair (row, start)
     best_err = torch.full_like(scale, math.inf)
     best_scale = scale.clone()
-    active: torch.Tensor | None = None  # None: every pair
-    sv, sa, svv = pair_v, scale, pair_vv
+    active = torch.ones_like(scale, dtype=torch.bool)  # the pairs computed
     for it in range(max_iter + 1):
-        levels = _levels_for(sv, sa, grid)
-        vl = (levels * sv).sum(dim=-1, keepdim=True)
-        ll = levels.pow_(2).sum(dim=-1, keepdim=True)
-        err = svv - 2 * sa * vl + sa * sa * ll
-        idx = slice(None) if active is None else active
-        better = err < best_err[idx]
-        best_err[idx] = torch.where(better, err, best_err[idx])
-        best_scale[idx] = torch.where(better, sa, best_scale[idx])
+        counts, sums, _ = rows.runs(scale[..., None] * midpoints)  # (rows, S, L)
+        vl = (sums * levels).sum(dim=-1)
+        ll = (counts * levels * levels).sum(dim=-1)
+        err = vv[:, None] - 2 * scale * vl + scale * scale * ll
+        better = active & (err < best_err)
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
         if it == max_iter:
             break
         new_scale = vl / ll.clamp_min(1e-300)
-        new_scale = torch.where((ll > 0) & (new_scale > 0), new_scale, sa)
-        moving = ((new_scale - sa).abs() > rtol * sa).squeeze(1)
-        scale[idx] = new_scale
+        new_scale = torch.where((ll > 0) & (new_scale > 0), new_scale, scale)
+        moving = active & ((new_scale - scale).abs() > rtol * scale)
+        scale = torch.where(active, new_scale, scale)
         num_moving = int(moving.sum())
         if num_moving == 0:
             break
-        if num_moving < 0.75 * sv.shape[0]:  # compact to the pairs still moving
-            active = moving.nonzero().squeeze(1) if active is None else active[moving]
-            sv, svv = pair_v[active], pair_vv[active]
-        sa = scale if active is None else scale[active]
-    per_start = best_err.reshape(num_starts, rows, 1)
-    which = per_start.argmin(dim=0, keepdim=True)
-    return best_scale.reshape(num_starts, rows, 1).gather(0, which).squeeze(0)
+        if num_moving < 0.75 * int(active.sum()):  # compact to the pairs still moving
+            active = moving
+    which = best_err.argmin(dim=1, keepdim=True)
+    return best_scale.gather(1, which)
 
 
 def _alternate(
@@ -374,26 +419,36 @@ class ActQuantizer(nn.Module):
 
 
 def _fit_affine(v: torch.Tensor, num_levels: int, max_iter: int) -> tuple[float, float]:
-    """Least-squares ``(offset, step)`` of ``v ≈ offset + step·k``, best of a few clipping ranges."""
+    """Least-squares ``(offset, step)`` of ``v ≈ offset + step·k``, best of a few clipping ranges; the sums of each
+    step come from the runs of the sorted sample (:class:`_SortedRows`)."""
     last = num_levels - 1
     lo_all, hi_all = float(v.min()), float(v.max())
     if hi_all <= lo_all:
         return lo_all, 1.0
-    sorted_v = v.sort().values
+    sample = _SortedRows(v.reshape(1, -1))
+    sorted_v, n = sample.ordered[0], v.numel()
+    codes = torch.arange(num_levels, dtype=torch.float64, device=v.device)
+    sv = float(sample.prefix[0, -1])
+
+    def terms(offset: float, step: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """The squared error of ``(offset, step)`` with each value at its nearest code, and the runs' counts and
+        sums."""
+        counts, sums, squares = sample.runs((offset + step * (codes[:-1] + 0.5))[None])
+        fitted = offset + step * codes
+        return float((squares - 2 * fitted * sums + fitted * fitted * counts).sum()), counts, sums
+
     best = (math.inf, lo_all, (hi_all - lo_all) / last)
     for q in (0.0, 1e-4, 1e-3, 1e-2, 3e-2):
-        i_lo = int(q * (sorted_v.numel() - 1))
-        lo, hi = float(sorted_v[i_lo]), float(sorted_v[sorted_v.numel() - 1 - i_lo])
+        i_lo = int(q * (n - 1))
+        lo, hi = float(sorted_v[i_lo]), float(sorted_v[n - 1 - i_lo])
         step = (hi - lo) / last if hi > lo else (hi_all - lo_all) / last
         offset = lo
         for _ in range(max_iter):
-            k = torch.clamp(torch.round((v - offset) / step), 0, last)
-            err = float((v - offset - step * k).pow(2).sum())
+            err, counts, sums = terms(offset, step)
             if err < best[0]:
                 best = (err, offset, step)
             # 2x2 normal equations of v = offset + step * k
-            n, sk, skk = float(v.numel()), float(k.sum()), float((k * k).sum())
-            sv, skv = float(v.sum()), float((k * v).sum())
+            sk, skk, skv = float((codes * counts).sum()), float((codes * codes * counts).sum()), float((codes * sums).sum())
             det = n * skk - sk * sk
             if det <= 0:
                 break
@@ -405,8 +460,7 @@ def _fit_affine(v: torch.Tensor, num_levels: int, max_iter: int) -> tuple[float,
             offset, step = new_offset, new_step
             if moved < 1e-7:
                 break
-        k = torch.clamp(torch.round((v - offset) / step), 0, last)
-        err = float((v - offset - step * k).pow(2).sum())
+        err = terms(offset, step)[0]
         if err < best[0]:
             best = (err, offset, step)
     return best[1], best[2]

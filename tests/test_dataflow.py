@@ -11,6 +11,7 @@ from monai.data import MetaTensor
 from monai.networks.nets import DynUNet, SegResNet, UNet
 from torch import nn
 
+from monai_efficientq import dataflow
 from monai_efficientq.dataflow import edge_layers
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -34,10 +35,18 @@ def vol(channels: int = 1, size: int = 16) -> torch.Tensor:
     return torch.randn(1, channels, size, size, size, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(params=["real", "meta"])
+def trace_device(request, monkeypatch):
+    """Run a test with the small inputs traced on a real copy first (the default) or on the meta device first."""
+    if request.param == "meta":
+        monkeypatch.setattr(dataflow, "REAL_TRACE_MAX_VALUES", 0)
+    return request.param
+
+
 # ----------------------------------------------------------------------------------------------- MONAI networks
 
 
-def test_unet_residual_units():
+def test_unet_residual_units(trace_device):
     torch.manual_seed(0)
     net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=2)
     layers = conv_layers(net)
@@ -57,7 +66,7 @@ def test_unet_without_residual_units():
     assert edge_layers(net, vol(), conv_layers(net)) == (["model.0.conv"], ["model.2.conv"])
 
 
-def test_segresnet():
+def test_segresnet(trace_device):
     # init_filters=4 does not build with SegResNet's default GroupNorm(8 groups); 8 is the smallest that does.
     net = SegResNet(spatial_dims=3, in_channels=2, out_channels=3, init_filters=8, blocks_down=(1, 1), blocks_up=(1,))
     layers = conv_layers(net)
@@ -205,6 +214,7 @@ class DeviceSpy(nn.Module):
 
 def test_meta_path_leaves_net_untouched(monkeypatch):
     monkeypatch.setattr(DeviceSpy, "devices", [])
+    monkeypatch.setattr(dataflow, "REAL_TRACE_MAX_VALUES", 0)
     net = DeviceSpy(needs_item=False).train()
     state = {k: v.clone() for k, v in net.state_dict().items()}
     calls: list[int] = []
@@ -219,9 +229,45 @@ def test_meta_path_leaves_net_untouched(monkeypatch):
 
 def test_real_device_fallback_when_meta_fails(monkeypatch):
     monkeypatch.setattr(DeviceSpy, "devices", [])
+    monkeypatch.setattr(dataflow, "REAL_TRACE_MAX_VALUES", 0)
     net = DeviceSpy(needs_item=True)
     assert edge_layers(net, torch.randn(1, 1, 8, 8), conv_layers(net)) == (["a"], ["b"])
     assert DeviceSpy.devices == ["meta", "cpu"]
+
+
+def test_small_input_traced_on_a_real_copy_and_one_sample(monkeypatch):
+    monkeypatch.setattr(DeviceSpy, "devices", [])
+    net = DeviceSpy(needs_item=True).train()  # .item() would fail on the meta device
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    batches: list[int] = []
+    net.a.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    assert edge_layers(net, torch.randn(3, 1, 8, 8), conv_layers(net)) == (["a"], ["b"])
+    assert DeviceSpy.devices == ["cpu"]  # no meta forward
+    assert batches == [1]  # one sample of the three
+    assert net.training and all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("what", ["input", "weights"])
+def test_large_input_or_network_traced_on_meta_first(monkeypatch, what):
+    monkeypatch.setattr(DeviceSpy, "devices", [])
+    monkeypatch.setattr(dataflow, "REAL_TRACE_MAX_VALUES" if what == "input" else "REAL_TRACE_MAX_WEIGHTS", 10)
+    net = DeviceSpy(needs_item=False)
+    assert edge_layers(net, torch.randn(1, 1, 8, 8), conv_layers(net)) == (["a"], ["b"])
+    assert DeviceSpy.devices == ["meta"]
+
+
+def test_meta_fallback_when_the_real_trace_fails(monkeypatch):
+    class RealFails(DeviceSpy):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.device.type == "cpu":
+                raise RuntimeError("no real forward")
+            return super().forward(x)
+
+    monkeypatch.setattr(DeviceSpy, "devices", [])
+    net = RealFails(needs_item=False)
+    assert edge_layers(net, torch.randn(1, 1, 8, 8), conv_layers(net)) == (["a"], ["b"])
+    assert DeviceSpy.devices == ["meta"]
 
 
 def test_inplace_on_input_and_inference_mode():

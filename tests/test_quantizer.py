@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -201,3 +203,132 @@ def test_act_quantizer_codes_need_an_unsigned_grid_of_at_most_7_bits(bits, signe
     assert not quant.has_int8_codes
     with pytest.raises(ValueError, match="unsigned grid of at most 7 bits"):
         quant.codes(torch.randn(10))
+
+
+def _sample(kind: str, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    return {"relu": x.relu(), "shifted": 3 * x + 0.5, "cubed": torch.rand(n, generator=gen, dtype=torch.float64) ** 3,
+            "lognormal": x.exp()}[kind]
+
+
+def test_sorted_rows_runs_equal_direct_sums():
+    from monai_efficientq.quantizer import _SortedRows
+
+    v = torch.stack([_sample("shifted", 3001, 0), _sample("lognormal", 3001, 1)])
+    v[0, :50] = 1.25  # values equal to a boundary belong to the run above it
+    boundaries = torch.tensor([[[-2.0, 0.0, 1.25], [-10.0, -9.0, 10.0]], [[0.5, 1.0, 2.0], [0.1, 0.2, 9.0]]],
+                              dtype=torch.float64)  # (rows, 2 sets, L - 1)
+    counts, sums, squares = _SortedRows(v).runs(boundaries)
+    assert counts.shape == sums.shape == squares.shape == (2, 2, 4)
+    for row in range(2):
+        for k in range(2):
+            edges = [-math.inf] + boundaries[row, k].tolist() + [math.inf]
+            for j in range(4):
+                inside = (v[row] >= edges[j]) & (v[row] < edges[j + 1])
+                assert counts[row, k, j] == inside.sum()
+                assert torch.isclose(sums[row, k, j], v[row][inside].sum(), rtol=1e-12, atol=1e-9)
+                assert torch.isclose(squares[row, k, j], (v[row][inside] ** 2).sum(), rtol=1e-12, atol=1e-9)
+
+
+def _direct_best_of_starts(v, starts, grid, max_iter, rtol):
+    """The reference of _best_of_starts: the same alternation and compaction, every step quantizing the values."""
+    num_starts, rows = starts.shape[0], v.shape[0]
+    pair_v = v.repeat(num_starts, 1)
+    pair_vv = (pair_v * pair_v).sum(dim=-1, keepdim=True)
+    scale = starts.reshape(-1, 1).clone()
+    best_err, best_scale = torch.full_like(scale, math.inf), scale.clone()
+    active = torch.arange(scale.shape[0])
+    for it in range(max_iter + 1):
+        sv, sa = pair_v[active], scale[active]
+        codes = torch.round((sv / sa - grid.first) / grid.step).clamp(0, grid.num_levels - 1)
+        levels = grid.first + grid.step * codes
+        vl, ll = (levels * sv).sum(-1, keepdim=True), (levels * levels).sum(-1, keepdim=True)
+        err = pair_vv[active] - 2 * sa * vl + sa * sa * ll
+        better = err < best_err[active]
+        best_err[active] = torch.where(better, err, best_err[active])
+        best_scale[active] = torch.where(better, sa, best_scale[active])
+        if it == max_iter:
+            break
+        new = torch.where((ll > 0) & (vl / ll > 0), vl / ll.clamp_min(1e-300), sa)
+        moving = ((new - sa).abs() > rtol * sa).squeeze(1)
+        scale[active] = new
+        if int(moving.sum()) == 0:
+            break
+        if int(moving.sum()) < 0.75 * active.numel():
+            active = active[moving]
+    which = best_err.reshape(num_starts, rows, 1).argmin(dim=0, keepdim=True)
+    return best_scale.reshape(num_starts, rows, 1).gather(0, which).squeeze(0)
+
+
+def _fit_scale_starts(v: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
+    """The starts fit_scale takes for rows ``v``: the mean magnitude and the 4 best of its sweep."""
+    from monai_efficientq.quantizer import _best_of_sweep
+
+    unit = v.abs().amax(1, keepdim=True) / grid.max_abs
+    points = int(min(128, max(16, 2**22 // v.numel())))
+    return torch.stack([v.abs().mean(1, keepdim=True)] + list(_best_of_sweep(v, unit, grid, points, keep=4)))
+
+
+# unsigned single rows (activation samples) where stopping each start on its own instead of compacting picks
+# another scale, and weight-like rows
+@pytest.mark.parametrize("kind, bits, rows, n, seed, sample", [
+    ("unsigned", 8, 1, 5000, 23, "relu"), ("unsigned", 8, 1, 1000, 28, "cubed"), ("unsigned", 8, 1, 5000, 29, "cubed"),
+    ("unsigned", 8, 1, 5000, 35, "lognormal"), ("unsigned", 2, 1, 5000, 0, "relu"), ("nozero", 2, 16, 216, 1, "shifted"),
+    ("nozero", 3, 8, 1729, 2, "lognormal"), ("int", 4, 5, 433, 3, "shifted"),
+])
+def test_scale_fit_from_sorted_runs_equals_the_fit_that_quantizes(kind, bits, rows, n, seed, sample):
+    from monai_efficientq.quantizer import _best_of_starts
+
+    grid = UniformGrid(bits, kind)
+    v = torch.stack([_sample(sample, n, seed + 100 * r) for r in range(rows)])
+    v = v - v.mean(1, keepdim=True) if kind != "unsigned" else v
+    starts = _fit_scale_starts(v, grid)
+    direct = _direct_best_of_starts(v, starts, grid, 30, 1e-5)
+    assert torch.allclose(_best_of_starts(v, starts, grid, 30, 1e-5), direct, rtol=1e-12, atol=0)
+
+
+def _direct_affine_fit(v: torch.Tensor, num_levels: int, max_iter: int) -> tuple[float, float]:
+    """The reference of _fit_affine: every step rounds every value (written out here, independently)."""
+    last = num_levels - 1
+    lo_all, hi_all = float(v.min()), float(v.max())
+    ordered = v.sort().values
+    best = (math.inf, lo_all, (hi_all - lo_all) / last)
+    for q in (0.0, 1e-4, 1e-3, 1e-2, 3e-2):
+        i_lo = int(q * (v.numel() - 1))
+        lo, hi = float(ordered[i_lo]), float(ordered[v.numel() - 1 - i_lo])
+        offset, step = lo, (hi - lo) / last if hi > lo else (hi_all - lo_all) / last
+        for _ in range(max_iter):
+            k = torch.clamp(torch.round((v - offset) / step), 0, last)
+            err = float((v - offset - step * k).pow(2).sum())
+            if err < best[0]:
+                best = (err, offset, step)
+            n, sk, skk, sv, skv = v.numel(), float(k.sum()), float((k * k).sum()), float(v.sum()), float((k * v).sum())
+            det = n * skk - sk * sk
+            if det <= 0:
+                break
+            new_offset, new_step = (skk * sv - sk * skv) / det, (n * skv - sk * sv) / det
+            if new_step <= 0:
+                break
+            moved = abs(new_step - step) / step + abs(new_offset - offset) / (abs(step) * last)
+            offset, step = new_offset, new_step
+            if moved < 1e-7:
+                break
+        k = torch.clamp(torch.round((v - offset) / step), 0, last)
+        err = float((v - offset - step * k).pow(2).sum())
+        if err < best[0]:
+            best = (err, offset, step)
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("kind", ["shifted", "lognormal"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_affine_fit_equals_the_fit_that_quantizes_the_sample(kind, bits):
+    from monai_efficientq.quantizer import _fit_affine
+
+    for seed, n in ((0, 500), (1, 4000)):
+        v = _sample(kind, n, seed)
+        offset, step = _fit_affine(v, 2**bits, 50)
+        ref_offset, ref_step = _direct_affine_fit(v, 2**bits, 50)
+        assert step == pytest.approx(ref_step, rel=1e-9)
+        assert offset == pytest.approx(ref_offset, rel=1e-9, abs=1e-9 * ref_step)
