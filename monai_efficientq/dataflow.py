@@ -15,8 +15,9 @@ segmentation", Medical Image Analysis 97, 2024: "first and last layers keep 8-bi
 
 The data flow is traced with autograd: one forward pass with grad enabled, on a ``meta`` copy of the network
 (no memory, no compute) or, when that fails, on a real copy; a small network on a small input is traced on a real
-copy and one sample first (cheaper than the meta device's per-operation overhead). Forward hooks record, for every layer call, the
-``grad_fn`` node of its output and of its input; the graph is then walked through ``next_functions``.
+copy and one sample first (cheaper than the meta device's per-operation overhead). Forward hooks record, for every
+layer call, the ``grad_fn`` node of its output and of its input; the graph is then walked through
+``next_functions``.
 """
 
 from __future__ import annotations
@@ -162,8 +163,8 @@ def _run_trace(net: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]) ->
         try:
             return _trace(net, data, layers, meta=meta)
         except Exception as err:  # meta: data-dependent control flow, .item(), CPU-only ops; real: an op refusing grad
-            _logger.debug("edge_layers: the %s forward failed (%s: %s).", "meta" if meta else "real", type(err).__name__,
-                          err)
+            kind = "meta" if meta else "real"
+            _logger.debug("edge_layers: the %s forward failed (%s: %s).", kind, type(err).__name__, err)
             failure = err
     _logger.warning(
         "edge_layers: the forward with grad failed (%s: %s); first/last layers fall back to call order.",

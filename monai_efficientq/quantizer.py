@@ -226,9 +226,9 @@ def _best_of_starts(
 
     Each (start, row) pair is computed until the pairs still moving (scale moved by more than ``rtol``, relative)
     fall below three quarters of those computed, which then continue alone, or until none moves or ``max_iter``
-    updates. The error of a scale ``a`` with levels ``l`` is ``‖v‖² − 2a⟨v, l⟩ + a²⟨l, l⟩``. Both sums come from the
-    runs of the sorted rows (``rows``, :class:`_SortedRows` of ``v``, built when not given): each step costs a
-    bisection per level boundary instead of quantizing the values.
+    updates. The error of a scale ``a`` with levels ``l`` is ``‖v‖² − 2a⟨v, l⟩ + a²⟨l, l⟩``. Both sums come
+    from the runs of the sorted rows (``rows``, :class:`_SortedRows` of ``v``, built when not given): each step
+    costs a bisection per level boundary instead of quantizing the values.
     """
     rows = rows if rows is not None else _SortedRows(v)
     levels = grid.levels(torch.arange(grid.num_levels, device=v.device), torch.float64)
@@ -448,7 +448,8 @@ def _fit_affine(v: torch.Tensor, num_levels: int, max_iter: int) -> tuple[float,
             if err < best[0]:
                 best = (err, offset, step)
             # 2x2 normal equations of v = offset + step * k
-            sk, skk, skv = float((codes * counts).sum()), float((codes * codes * counts).sum()), float((codes * sums).sum())
+            sk, skk = float((codes * counts).sum()), float((codes * codes * counts).sum())
+            skv = float((codes * sums).sum())
             det = n * skk - sk * sk
             if det <= 0:
                 break

@@ -274,7 +274,8 @@ def _fit_scale_starts(v: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
 # another scale, and weight-like rows
 @pytest.mark.parametrize("kind, bits, rows, n, seed, sample", [
     ("unsigned", 8, 1, 5000, 23, "relu"), ("unsigned", 8, 1, 1000, 28, "cubed"), ("unsigned", 8, 1, 5000, 29, "cubed"),
-    ("unsigned", 8, 1, 5000, 35, "lognormal"), ("unsigned", 2, 1, 5000, 0, "relu"), ("nozero", 2, 16, 216, 1, "shifted"),
+    ("unsigned", 8, 1, 5000, 35, "lognormal"), ("unsigned", 2, 1, 5000, 0, "relu"),
+    ("nozero", 2, 16, 216, 1, "shifted"),
     ("nozero", 3, 8, 1729, 2, "lognormal"), ("int", 4, 5, 433, 3, "shifted"),
 ])
 def test_scale_fit_from_sorted_runs_equals_the_fit_that_quantizes(kind, bits, rows, n, seed, sample):
