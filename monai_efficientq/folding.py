@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-__all__ = ["find_conv_bn_pairs", "fold_batchnorm", "fold_bn_into_conv", "set_submodule"]
+__all__ = ["find_conv_bn_pairs", "fold_batchnorm", "fold_bn_into_conv", "has_batchnorm", "set_submodule"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +20,12 @@ def set_submodule(net: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = net.get_submodule(parent_name) if parent_name else net
     setattr(parent, child, module)
+
+
+def has_batchnorm(net: nn.Module) -> bool:
+    """Whether ``net`` has a BatchNorm layer that :func:`find_conv_bn_pairs` could pair with a convolution (without
+    one, folding leaves the network as it is)."""
+    return any(isinstance(module, _BNS) for module in net.modules())
 
 
 def _is_leaf(module: nn.Module) -> bool:

@@ -24,7 +24,7 @@ from .attention import AttentionMaps, body_at, label_to_scores
 from .checkpoint import packed_size
 from .config import EfficientQConfig
 from .dataflow import edge_layers, first_tensor
-from .folding import find_conv_bn_pairs, fold_batchnorm, set_submodule
+from .folding import find_conv_bn_pairs, fold_batchnorm, has_batchnorm, set_submodule
 from .layers import (
     QUANTIZABLE_TYPES,
     input_patches,
@@ -129,6 +129,7 @@ class _TargetRecorder:
     order."""
 
     def __init__(self, layers: dict[str, nn.Module], targets: TargetStore) -> None:
+        self.layers = layers
         self.targets = targets
         self.order: list[str] = []
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
@@ -656,9 +657,18 @@ def _quantize_with_targets(
             net, calib_volume, label, attention_map, cfg, device, log
         )
         float_bytes = _state_bytes(net)
-        pairs, float_out, unfolded = _fold(net, x, log, cfg.skip_layers)
+        # without BatchNorm, folding changes nothing: its float forward records the targets too (one forward less)
+        early = None if has_batchnorm(net) else _TargetRecorder(quantizable_layers(net, cfg.skip_layers), targets)
+        try:
+            pairs, float_out, unfolded = _fold(net, x, log, cfg.skip_layers)
+        finally:
+            if early is not None:
+                early.remove()
     with timer("targets"):
-        pairs, layers, recorder = _record_targets(net, pairs, float_out, x, cfg, targets, log, unfolded)
+        if early is not None:
+            pairs, layers, recorder = pairs, early.layers, _recorded(net, early)
+        else:
+            pairs, layers, recorder = _record_targets(net, pairs, float_out, x, cfg, targets, log, unfolded)
     with timer("attention"):
         body = (x != 0).any(dim=1) if x.dim() >= 3 else None
         attention = _attention(cfg, float_out, x, body, label, attention_map)
@@ -805,9 +815,14 @@ def _record_targets(
         for name in recorder.order:  # recorded on the folded network: record again
             targets.pop(name)
         return _record_targets(net, [], float_out, x, cfg, targets, log, {})
+    return pairs, layers, _recorded(net, recorder)
+
+
+def _recorded(net: nn.Module, recorder: _TargetRecorder) -> _TargetRecorder:
+    """``recorder`` after its forward pass, checked to have seen a quantizable layer."""
     if not recorder.order:
         raise ValueError(f"no quantizable layer of {type(net).__name__} was called in its forward pass.")
-    return pairs, layers, recorder
+    return recorder
 
 
 def _fold(
@@ -818,6 +833,8 @@ def _fold(
     the float output on ``x`` and copies of the modules as they were before folding, by name."""
     try:
         pairs, output = find_conv_bn_pairs(net, x)
+    except LayerCalledTwiceError:  # raised by a target recorder running in the same forward
+        raise
     except Exception as err:
         raise RuntimeError(
             f"the float network failed on the calibration volume of shape {tuple(x.shape)}: {err}. Check that the "

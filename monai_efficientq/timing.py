@@ -20,8 +20,10 @@ __all__ = ["PhaseTimer", "PHASES"]
 
 #: The phases in the order a run meets them, with what each one holds (the report's legend).
 PHASES: dict[str, str] = {
-    "setup": "checks, copying the network, augmented copies, BatchNorm folding and its float forward",
-    "targets": "forward pass recording every layer's float output (the reconstruction targets)",
+    "setup": "checks, copying the network, augmented copies, BatchNorm folding and its float forward (which also "
+    "records the targets of a network without BatchNorm)",
+    "targets": "forward pass recording every layer's float output (the reconstruction targets); for a network with "
+    "BatchNorm, after folding it",
     "attention": "class-balanced attention map from the float prediction (or the label)",
     "edges": "finding the first and last layers by data flow",
     "allocation": "under a size budget: the sensitivity pass (every layer's error at every width) and the choice of "

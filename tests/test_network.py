@@ -357,6 +357,26 @@ def test_folding_that_changes_the_output_is_undone(monkeypatch):
     assert _rel_err(net, qnet, x) < 0.1
 
 
+@pytest.mark.parametrize("make, forwards", [(tiny_segresnet, 2), (tiny_unet_bn, 3)])
+def test_a_network_without_batchnorm_records_its_targets_in_the_folding_forward(make, forwards, monkeypatch):
+    import monai_efficientq.network as network_mod
+
+    from monai_efficientq import quantize_
+
+    cfg = EfficientQConfig(weight_bits=2, act_bits=2, iterations=10, progress=False)
+    net, x = make(), volume(16)
+    calls: list[bool] = []
+    net.register_forward_pre_hook(lambda module, args: calls.append(module is net))  # copies run hooks too
+    report = quantize_(net, x, cfg)
+    # the folding forward (with the targets when there is no BatchNorm), [the targets], the quantizing forward
+    assert calls.count(True) == forwards
+    monkeypatch.setattr(network_mod, "has_batchnorm", lambda module: True)  # a separate targets forward
+    net2 = make()
+    report2 = quantize_(net2, x, cfg)
+    assert [r.error for r in report.layers] == [r.error for r in report2.layers]
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
+
+
 def test_held_out_volume_does_not_count_towards_the_solver_choice():
     """A wide layer on a small volume: 3 × 64 output voxels would take the dense K×K inverse (K = 433), the 128
     fitted ones take Woodbury; the held-out 64 only rank the iterates."""
