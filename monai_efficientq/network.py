@@ -264,11 +264,14 @@ class _QuantizingRun:
         self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None, act_bits: int | None
     ) -> tuple[ActQuantizer | None, torch.Tensor]:
         """The layer's input quantizer (``None`` for a float input) and its input as the layer will see it: as int8
-        codes where the Gram sums take them (``_stream``; a quarter of the memory of the float copy)."""
+        codes where the Gram sums take them (``_stream``; a quarter of the memory of the float copy); ``x`` itself
+        for round-to-nearest, which streams nothing."""
         if act_bits is None:
             return None, x
         with self.timer("act_fit"):
             act_quant = self._fit_input_quantizer(layer, x, y, h_map, act_bits)
+            if self.cfg.method == "rtn":
+                return act_quant, x
             if act_quant.has_int8_codes and self.device.type == "cpu":
                 return act_quant, act_quant.codes(x)
             return act_quant, act_quant(x)

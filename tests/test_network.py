@@ -237,6 +237,20 @@ def test_rtn_measures_errors_directly_without_gram_statistics(monkeypatch):
     assert all(r.error == r.rtn_error and r.error > 0 for r in rep_rtn.layers)
 
 
+def test_rtn_with_quantized_inputs_converts_no_input_to_codes(monkeypatch):
+    from monai_efficientq.quantizer import ActQuantizer
+
+    net, x = tiny_segresnet(), volume(16)
+    _, before = _quantize(net, x, weight_bits=2, act_bits=2, method="rtn")
+
+    def no_codes(self, values):
+        raise AssertionError("round-to-nearest streams no statistics: its inputs need no codes")
+
+    monkeypatch.setattr(ActQuantizer, "codes", no_codes)
+    _, after = _quantize(net, x, weight_bits=2, act_bits=2, method="rtn")
+    assert [r.error for r in after.layers] == [r.error for r in before.layers]
+
+
 def test_output_aware_activation_range_is_the_best_of_the_factors():
     from monai_efficientq.layers import layer_forward
     from monai_efficientq.network import _choose_act_range
