@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionMaps", "class_weights", "classes_from_scores", "label_to_scores"]
+__all__ = ["AttentionMaps", "channel_argmax", "class_weights", "classes_from_scores", "label_to_scores"]
 
 _ADAPTIVE_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 _ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
@@ -23,6 +23,13 @@ def body_at(body: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
     """The body mask ``(N, *S0)`` at another resolution ``spatial``: a voxel is inside if any voxel it covers is."""
     spatial = tuple(int(s) for s in spatial)
     return _ADAPTIVE_MAX[len(spatial)](body[:, None].float(), spatial)[:, 0] > 0
+
+
+def channel_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(dim=1)`` (the first maximal channel of each voxel), taken over a channel-last copy: the same
+    indices, about five times faster on the CPU for a few channels over many voxels, whose strided reduction over
+    dimension 1 is slow."""
+    return scores.movedim(1, -1).contiguous().argmax(dim=-1)
 
 
 def classes_from_scores(scores: torch.Tensor, multi_label: bool) -> torch.Tensor:
@@ -39,7 +46,7 @@ def classes_from_scores(scores: torch.Tensor, multi_label: bool) -> torch.Tensor
         background = ~on.any(dim=1, keepdim=True)
         return torch.cat([background, on], dim=1)
     n_classes = scores.shape[1]
-    return F.one_hot(scores.argmax(dim=1), n_classes).movedim(-1, 1).bool()
+    return F.one_hot(channel_argmax(scores), n_classes).movedim(-1, 1).bool()
 
 
 def class_weights(membership: torch.Tensor, power: float = 0.5) -> torch.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention import AttentionMaps, body_at, label_to_scores
+from .attention import AttentionMaps, body_at, channel_argmax, label_to_scores
 from .checkpoint import packed_size
 from .config import EfficientQConfig
 from .dataflow import edge_layers, first_tensor
@@ -540,16 +540,16 @@ def _float_layer_list(net: nn.Module, layers: dict[str, nn.Module], reached: lis
 def _agreement_dice(ref: torch.Tensor, out: torch.Tensor, multi_label: bool) -> dict[str, float]:
     if ref.dim() < 3:
         return {}
-    if multi_label:
-        a, b = ref > 0, out > 0
-    else:
-        n = ref.shape[1]
-        a = torch.nn.functional.one_hot(ref.argmax(1), n).movedim(-1, 1).bool()
-        b = torch.nn.functional.one_hot(out.argmax(1), n).movedim(-1, 1).bool()
+    if multi_label:  # each channel on where its logit is positive
+        a, b = (ref > 0).unbind(1), (out > 0).unbind(1)
+    else:  # each voxel in its argmax class
+        ref_class, out_class = channel_argmax(ref), channel_argmax(out)
+        a = [ref_class == c for c in range(ref.shape[1])]
+        b = [out_class == c for c in range(ref.shape[1])]
     dice = {}
-    for c in range(a.shape[1]):
-        inter = (a[:, c] & b[:, c]).sum().item()
-        total = a[:, c].sum().item() + b[:, c].sum().item()
+    for c, (in_ref, in_out) in enumerate(zip(a, b)):
+        inter = (in_ref & in_out).sum().item()
+        total = in_ref.sum().item() + in_out.sum().item()
         dice[f"class{c}"] = 2 * inter / total if total else 1.0
     return dice
 
@@ -669,7 +669,7 @@ def _quantize_with_targets(
                 early.remove()
     with timer("targets"):
         if early is not None:
-            pairs, layers, recorder = pairs, early.layers, _recorded(net, early)
+            layers, recorder = early.layers, _recorded(net, early)
         else:
             pairs, layers, recorder = _record_targets(net, pairs, float_out, x, cfg, targets, log, unfolded)
     with timer("attention"):

@@ -197,14 +197,14 @@ def fit_scale(
         scale, codes = _alternate(v, start, grid, max_iter)
         scale = torch.where(zero_rows, torch.zeros_like(scale), scale)
         return scale, codes.to(torch.int64).reshape(shape)
-    rows = _SortedRows(v)
+    sorted_rows = _SortedRows(v)
     starts = [v.abs().mean(dim=1, keepdim=True)]
     points = coarse_points or int(min(128, max(16, 2**22 // max(v.numel(), 1))))
-    starts += list(_best_of_sweep(v, safe_max / grid.max_abs, grid, points, keep=4, presorted=rows.presorted))
+    starts += list(_best_of_sweep(v, safe_max / grid.max_abs, grid, points, keep=4, presorted=sorted_rows.presorted))
     scale = torch.stack(starts)  # (starts, rows, 1)
     scale = torch.where(zero_rows | (scale <= 0), torch.ones_like(scale), scale)
 
-    best_scale = _best_of_starts(v, scale, grid, max_iter, rtol, rows)
+    best_scale = _best_of_starts(v, scale, grid, max_iter, rtol, sorted_rows)
     best_scale = torch.where(zero_rows, torch.zeros_like(best_scale), best_scale)
     codes = grid.codes(v / torch.where(zero_rows, torch.ones_like(best_scale), best_scale))
     return best_scale, codes.reshape(shape)
@@ -219,7 +219,7 @@ def _levels_for(v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid) -> torc
 
 def _best_of_starts(
     v: torch.Tensor, starts: torch.Tensor, grid: UniformGrid, max_iter: int, rtol: float,
-    rows: _SortedRows | None = None,
+    sorted_rows: _SortedRows | None = None,
 ) -> torch.Tensor:
     """Run the alternation from every start of every row (``starts``: ``(S, rows, 1)``) and return each row's
     scale with the lowest error seen, ``(rows, 1)``.
@@ -227,10 +227,10 @@ def _best_of_starts(
     Each (start, row) pair is computed until the pairs still moving (scale moved by more than ``rtol``, relative)
     fall below three quarters of those computed, which then continue alone, or until none moves or ``max_iter``
     updates. The error of a scale ``a`` with levels ``l`` is ``‖v‖² − 2a⟨v, l⟩ + a²⟨l, l⟩``. Both sums come
-    from the runs of the sorted rows (``rows``, :class:`_SortedRows` of ``v``, built when not given): each step
-    costs a bisection per level boundary instead of quantizing the values.
+    from the runs of the sorted rows (``sorted_rows``, :class:`_SortedRows` of ``v``, built when not given): each
+    step costs a bisection per level boundary instead of quantizing the values.
     """
-    rows = rows if rows is not None else _SortedRows(v)
+    sorted_rows = sorted_rows if sorted_rows is not None else _SortedRows(v)
     levels = grid.levels(torch.arange(grid.num_levels, device=v.device), torch.float64)
     midpoints = (levels[:-1] + levels[1:]) / 2
     vv = (v * v).sum(dim=-1)  # (rows,)
@@ -239,7 +239,7 @@ def _best_of_starts(
     best_scale = scale.clone()
     active = torch.ones_like(scale, dtype=torch.bool)  # the pairs computed
     for it in range(max_iter + 1):
-        counts, sums, _ = rows.runs(scale[..., None] * midpoints)  # (rows, S, L)
+        counts, sums, _ = sorted_rows.runs(scale[..., None] * midpoints)  # (rows, S, L)
         vl = (sums * levels).sum(dim=-1)
         ll = (counts * levels * levels).sum(dim=-1)
         err = vv[:, None] - 2 * scale * vl + scale * scale * ll

@@ -90,3 +90,28 @@ def test_each_volume_gets_its_own_class_balance():
     assert torch.allclose(maps.weights[1], class_weights(classes_from_scores(scores[1:], False)))
     full = maps.full_resolution()
     assert full[0, 0, 0, 0] == 3 ** 0.5 and full[1, 0, 0, 0] == 511 ** 0.5
+
+
+def test_channel_argmax_is_argmax_over_channels_with_ties_to_the_first():
+    from monai_efficientq.attention import channel_argmax
+
+    scores = torch.randn(2, 4, 5, 6, 7, generator=torch.Generator().manual_seed(0))
+    scores[:, 2] = scores[:, 1]  # ties between channels 1 and 2
+    scores[0, :, 0, 0, 0] = 1.0  # a four-way tie
+    found = channel_argmax(scores)
+    assert found.shape == (2, 5, 6, 7)
+    assert torch.equal(found, scores.argmax(dim=1))
+    assert int(found[0, 0, 0, 0]) == 0 and not bool((found == 2).any())
+
+
+def test_agreement_dice_counts_each_class():
+    from monai_efficientq.network import _agreement_dice
+
+    ref = torch.zeros(1, 3, 2, 2, 2)
+    ref[0, 1, 0] = 1.0  # class 1 on the first slab (4 voxels), class 0 elsewhere
+    out = ref.clone()
+    out[0, 2, 0, 0, 0] = 2.0  # one voxel moved from class 1 to class 2
+    dice = _agreement_dice(ref, out, multi_label=False)
+    assert dice == {"class0": 1.0, "class1": 2 * 3 / (4 + 3), "class2": 0.0}
+    on = _agreement_dice(ref - 0.5, out - 0.5, multi_label=True)  # channel c on where its logit is positive
+    assert on == {"class0": 1.0, "class1": 1.0, "class2": 0.0}  # channel 1 stays on where channel 2 came on
