@@ -86,17 +86,15 @@ class _SortedRows:
         self.prefix = torch.cat([zero, self.ordered.cumsum(dim=-1)], dim=-1)
         self._prefix_squares: torch.Tensor | None = None
 
-    @property
-    def presorted(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sorted rows, prefix sums)`` as :func:`_sweep_errors` takes them."""
-        return self.ordered, self.prefix
-
-    def runs(self, boundaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The count, sum and sum of squares of each run of each row, ``(rows, ..., L)`` each, for ascending
-        ``boundaries`` ``(rows, ..., L − 1)`` between the runs; a value equal to a boundary is in the run above."""
-        if self._prefix_squares is None:
-            squares = (self.ordered * self.ordered).cumsum(dim=-1)
-            self._prefix_squares = torch.cat([squares.new_zeros(squares.shape[0], 1), squares], dim=-1)
+    def runs(
+        self, boundaries: torch.Tensor, squares: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The count, sum and (with ``squares``, else ``None``) sum of squares of each run of each row,
+        ``(rows, ..., L)`` each, for ascending ``boundaries`` ``(rows, ..., L − 1)`` between the runs; a value equal to
+        a boundary is in the run above."""
+        if squares and self._prefix_squares is None:
+            cumulative = (self.ordered * self.ordered).cumsum(dim=-1)
+            self._prefix_squares = torch.cat([cumulative.new_zeros(cumulative.shape[0], 1), cumulative], dim=-1)
         num_rows = boundaries.shape[0]
         inner = torch.searchsorted(self.ordered, boundaries.reshape(num_rows, -1).contiguous())
         inner = inner.reshape(boundaries.shape)
@@ -105,47 +103,36 @@ class _SortedRows:
         flat = bounds.reshape(num_rows, -1)
         counts = bounds.diff(dim=-1).to(self.ordered.dtype)
         sums = self.prefix.gather(1, flat).reshape(bounds.shape).diff(dim=-1)
-        squares = self._prefix_squares.gather(1, flat).reshape(bounds.shape).diff(dim=-1)
-        return counts, sums, squares
+        if not squares:
+            return counts, sums, None
+        return counts, sums, self._prefix_squares.gather(1, flat).reshape(bounds.shape).diff(dim=-1)
 
 
 def _best_of_sweep(
     v: torch.Tensor, unit: torch.Tensor, grid: UniformGrid, points: int, keep: int,
-    presorted: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sorted_rows: _SortedRows | None = None,
 ) -> torch.Tensor:
     """The ``keep`` best scales per row among ``points`` evenly spaced in ``(0, 1.5·unit]``: ``(keep, rows, 1)``
-    (``presorted``: see :func:`_sweep_errors`)."""
+    (``sorted_rows``: see :func:`_sweep_errors`)."""
     fracs = torch.linspace(0.05, 1.5, points, dtype=torch.float64, device=v.device)
-    err = _sweep_errors(v, fracs.view(-1, 1, 1) * unit, grid, presorted)  # (points, rows, 1)
+    err = _sweep_errors(v, fracs.view(-1, 1, 1) * unit, grid, sorted_rows)  # (points, rows, 1)
     idx = err.topk(min(keep, points), dim=0, largest=False).indices
     return fracs[idx] * unit
 
 
 def _sweep_errors(
-    v: torch.Tensor, scales: torch.Tensor, grid: UniformGrid, presorted: tuple[torch.Tensor, torch.Tensor] | None = None
+    v: torch.Tensor, scales: torch.Tensor, grid: UniformGrid, sorted_rows: _SortedRows | None = None
 ) -> torch.Tensor:
     """``‖v − a·level(v/a)‖²`` of each row of ``v`` (``(rows, n)``) for every scale ``a`` in ``scales``
-    (``(points, rows, 1)``), without quantizing ``v`` once per scale: with the row sorted, the values that round to
-    each level are a contiguous run, found by bisection at the midpoints between levels, and the two sums the
-    error needs, ``⟨v, l⟩`` and ``⟨l, l⟩``, come from the run's bounds and the row's prefix sums. ``presorted``:
-    the rows already sorted and their prefix sums with a leading zero, ``((rows, n), (rows, n + 1))``."""
-    rows, n = v.shape
-    points = scales.shape[0]
-    if presorted is None:
-        ordered = v.sort(dim=-1).values
-        prefix = torch.cat([ordered.new_zeros(rows, 1), ordered.cumsum(dim=-1)], dim=-1)  # (rows, n + 1)
-    else:
-        ordered, prefix = presorted
+    (``(points, rows, 1)``), without quantizing ``v`` once per scale: the two sums the error needs, ``⟨v, l⟩`` and
+    ``⟨l, l⟩``, come from the runs of the sorted rows (``sorted_rows``, :class:`_SortedRows` of ``v``, built when
+    not given) between the scaled midpoints of the levels."""
+    sorted_rows = sorted_rows if sorted_rows is not None else _SortedRows(v)
     levels = grid.levels(torch.arange(grid.num_levels, device=v.device), v.dtype)
     midpoints = (levels[:-1] + levels[1:]) / 2
-    # (rows, points·(L−1)): the first index of each row at or above each scaled midpoint
-    thresholds = (scales.permute(1, 0, 2) * midpoints).reshape(rows, -1)
-    inner = torch.searchsorted(ordered, thresholds.contiguous()).reshape(rows, points, -1)
-    bounds = torch.cat([inner.new_zeros(rows, points, 1), inner, inner.new_full((rows, points, 1), n)], dim=-1)
-    run_sums = prefix.gather(1, bounds.reshape(rows, -1)).reshape(rows, points, -1).diff(dim=-1)  # Σ v per level
-    run_counts = bounds.diff(dim=-1).to(v.dtype)
-    vl = (run_sums * levels).sum(dim=-1).transpose(0, 1).unsqueeze(-1)  # (points, rows, 1)
-    ll = (run_counts * levels * levels).sum(dim=-1).transpose(0, 1).unsqueeze(-1)
+    counts, sums, _ = sorted_rows.runs(scales.permute(1, 0, 2) * midpoints)  # (rows, points, L)
+    vl = (sums * levels).sum(dim=-1).transpose(0, 1).unsqueeze(-1)  # (points, rows, 1)
+    ll = (counts * levels * levels).sum(dim=-1).transpose(0, 1).unsqueeze(-1)
     vv = (v * v).sum(dim=-1, keepdim=True)
     return vv - 2 * scales * vl + scales * scales * ll
 
@@ -200,7 +187,7 @@ def fit_scale(
     sorted_rows = _SortedRows(v)
     starts = [v.abs().mean(dim=1, keepdim=True)]
     points = coarse_points or int(min(128, max(16, 2**22 // max(v.numel(), 1))))
-    starts += list(_best_of_sweep(v, safe_max / grid.max_abs, grid, points, keep=4, presorted=sorted_rows.presorted))
+    starts += list(_best_of_sweep(v, safe_max / grid.max_abs, grid, points, keep=4, sorted_rows=sorted_rows))
     scale = torch.stack(starts)  # (starts, rows, 1)
     scale = torch.where(zero_rows | (scale <= 0), torch.ones_like(scale), scale)
 
@@ -433,7 +420,7 @@ def _fit_affine(v: torch.Tensor, num_levels: int, max_iter: int) -> tuple[float,
     def terms(offset: float, step: float) -> tuple[float, torch.Tensor, torch.Tensor]:
         """The squared error of ``(offset, step)`` with each value at its nearest code, and the runs' counts and
         sums."""
-        counts, sums, squares = sample.runs((offset + step * (codes[:-1] + 0.5))[None])
+        counts, sums, squares = sample.runs((offset + step * (codes[:-1] + 0.5))[None], squares=True)
         fitted = offset + step * codes
         return float((squares - 2 * fitted * sums + fitted * fitted * counts).sum()), counts, sums
 

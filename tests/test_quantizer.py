@@ -219,7 +219,7 @@ def test_sorted_rows_runs_equal_direct_sums():
     v[0, :50] = 1.25  # values equal to a boundary belong to the run above it
     boundaries = torch.tensor([[[-2.0, 0.0, 1.25], [-10.0, -9.0, 10.0]], [[0.5, 1.0, 2.0], [0.1, 0.2, 9.0]]],
                               dtype=torch.float64)  # (rows, 2 sets, L - 1)
-    counts, sums, squares = _SortedRows(v).runs(boundaries)
+    counts, sums, squares = _SortedRows(v).runs(boundaries, squares=True)
     assert counts.shape == sums.shape == squares.shape == (2, 2, 4)
     for row in range(2):
         for k in range(2):
