@@ -181,7 +181,7 @@ def fit_scale(
     if init is not None:
         init_t = torch.as_tensor(init, dtype=torch.float64, device=v.device).reshape(-1, 1).expand_as(absmax)
         start = torch.where((init_t > 0) & ~zero_rows, init_t, safe_max / grid.max_abs)
-        scale, codes = _alternate(v, start, grid, max_iter)
+        scale, codes, _ = _alternate(v, start, grid, max_iter)
         scale = torch.where(zero_rows, torch.zeros_like(scale), scale)
         return scale, codes.to(torch.int64).reshape(shape)
     sorted_rows = _SortedRows(v)
@@ -197,11 +197,12 @@ def fit_scale(
     return best_scale, codes.reshape(shape)
 
 
-def _levels_for(v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
-    """The normalised grid levels nearest to ``v / scale`` (``scale`` broadcast over rows), in one buffer."""
+def _codes_and_levels(v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes (whole numbers in ``v``'s dtype) of the grid levels nearest to ``v / scale`` (``scale`` broadcast
+    over rows), and those normalised levels (``first + step·code``)."""
     k = v * (1.0 / (scale * grid.step))
     k.sub_(grid.first / grid.step).round_().clamp_(0, grid.num_levels - 1)
-    return k.mul_(grid.step).add_(grid.first)
+    return k, torch.mul(k, grid.step).add_(grid.first)
 
 
 def _best_of_starts(
@@ -250,7 +251,7 @@ def _best_of_starts(
 
 def _alternate(
     v: torch.Tensor, scale: torch.Tensor, grid: UniformGrid, max_iter: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The alternation of :func:`fit_scale` from one start per row (``v``: ``(rows, n)``, ``scale``: ``(rows, 1)``,
     positive), until the codes stop changing or ``max_iter`` scale updates.
 
@@ -259,19 +260,19 @@ def _alternate(
     which converge in a few steps.
 
     Returns:
-        ``(scale, codes)`` with the codes (whole numbers in ``v``'s dtype) nearest for that scale.
+        ``(scale, codes, levels)`` with the codes (whole numbers in ``v``'s dtype) nearest for that scale and their
+        normalised levels.
     """
-    levels = _levels_for(v, scale, grid)
+    codes, levels = _codes_and_levels(v, scale, grid)
     for _ in range(max_iter):
         denom = (levels * levels).sum(dim=-1, keepdim=True)
         new_scale = (levels * v).sum(dim=-1, keepdim=True) / denom.clamp_min(1e-300)
         scale = torch.where((denom > 0) & (new_scale > 0), new_scale, scale)
-        new_levels = _levels_for(v, scale, grid)
-        if torch.equal(new_levels, levels):
+        new_codes, new_levels = _codes_and_levels(v, scale, grid)
+        if torch.equal(new_codes, codes):
             break
-        levels = new_levels
-    codes = levels.sub_(grid.first).mul_(1.0 / grid.step).round_()
-    return scale, codes
+        codes, levels = new_codes, new_levels
+    return scale, codes, levels
 
 
 def project_to_grid(
@@ -285,8 +286,8 @@ def project_to_grid(
         ``scale · level(codes)`` shaped like ``values``.
     """
     v = _rows(values, per_row)
-    scale, codes = _alternate(v, scale.reshape(-1, 1), grid, max_iter=30)
-    projected = (codes * grid.step + grid.first).mul_(scale)
+    scale, codes, levels = _alternate(v, scale.reshape(-1, 1), grid, max_iter=30)
+    projected = levels.mul_(scale)  # the levels of the codes, as ``first + step·code``
     return scale, codes.reshape(values.shape), projected.reshape(values.shape)
 
 

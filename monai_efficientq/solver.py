@@ -26,6 +26,7 @@ import torch
 
 from .config import EfficientQConfig
 from .quantizer import UniformGrid, dequantize, fit_scale, project_to_grid
+from .ranking import ColumnRanker, GramRanker
 from .timing import PhaseTimer
 
 __all__ = ["LayerSolver", "LayerSolution", "SolverSettings"]
@@ -129,7 +130,6 @@ class _GramTerms:
         self.A: torch.Tensor | None = None
         self.B: torch.Tensor | None = None
         self.yy = 0.0
-        self._a_fast: torch.Tensor | None = None
         self._dequantized: torch.Tensor | None = None  # a reused float block of a code chunk, for B
 
     def add(
@@ -156,7 +156,6 @@ class _GramTerms:
         self.A = a.to(self.dtype) if self.A is None else self.A.add_(a)
         self.B = b.to(self.dtype) if self.B is None else self.B.add_(b)
         self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
-        self._a_fast = None
 
     def _code_products(
         self, codes: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, row_scale: torch.Tensor
@@ -186,23 +185,17 @@ class _GramTerms:
             buf = self._dequantized = torch.empty(codes.shape, dtype=dtype, device=codes.device)
         return buf[..., : codes.shape[-1]].copy_(codes)
 
-    def error(self, wb: torch.Tensor, exact: bool = True) -> float:
-        """``‖[W b]·X − Y‖²_H`` from the statistics.
-
-        Args:
-            wb: the weights with the bias column.
-            exact: evaluate the quadratic term in ``dtype``; ``False`` evaluates it in float32 (used to rank
-                the ADMM iterates: one matrix product per iteration, as costly as the V-step, whose rounding,
-                about 1e-6 of ``‖Y‖²``, is far below the differences between iterates that matter at 2-3 bits).
-        """
-        if exact:
-            quad = float(((wb @ self.A) * wb).sum())
-        else:
-            if self._a_fast is None:
-                self._a_fast = self.A.to(torch.float32)
-            w32 = wb.to(torch.float32)
-            quad = float(((w32 @ self._a_fast) * w32).sum(dtype=torch.float64))
+    def error(self, wb: torch.Tensor) -> float:
+        """``‖[W b]·X − Y‖²_H`` from the statistics (``wb``: the weights with the bias column), in ``dtype``."""
+        quad = float(((wb @ self.A) * wb).sum())
         return quad - 2 * float((wb * self.B).sum()) + self.yy
+
+    def ranker(
+        self, grid: UniformGrid, has_bias: bool, weighted: bool = True, float32_small: bool = False
+    ) -> GramRanker:
+        """The incremental error of ADMM candidates on ``grid`` over these statistics (``weighted`` is theirs: ``A``
+        holds it; ``float32_small``: see :class:`~monai_efficientq.ranking.GramRanker`)."""
+        return GramRanker(self, grid, has_bias, float32_small)
 
 
 class _ColumnTerms:
@@ -213,7 +206,6 @@ class _ColumnTerms:
         self.dtype = dtype
         self.columns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.yy = 0.0
-        self._fast: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, scratch: torch.Tensor | None = None) -> None:
         """Store a chunk (``scratch`` is unused: the interface of :meth:`_GramTerms.add`)."""
@@ -222,27 +214,26 @@ class _ColumnTerms:
         h = h.to(self.dtype, copy=True) if h is not None else None
         self.columns.append((x, y, h))
         self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
-        self._fast = None
 
-    def error(self, wb: torch.Tensor, exact: bool = True) -> float:
-        """``‖[W b]·X − Y‖²_H`` over the stored columns (``exact=False``: in float32, as ``_GramTerms.error``)."""
-        return self.errors(wb, exact)[0]
+    def error(self, wb: torch.Tensor) -> float:
+        """``‖[W b]·X − Y‖²_H`` over the stored columns."""
+        return self.errors(wb)[0]
 
-    def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
+    def errors(self, wb: torch.Tensor) -> tuple[float, float]:
         """The squared error weighted by the stored ``H`` and unweighted, in one pass over the columns."""
-        columns = self.columns
-        if not exact:
-            if self._fast is None:
-                f32 = torch.float32
-                self._fast = [(x.to(f32), y.to(f32), h.to(f32) if h is not None else None) for x, y, h in columns]
-            columns, wb = self._fast, wb.to(torch.float32)
         weighted = unweighted = 0.0
-        for x, y, h in columns:
+        for x, y, h in self.columns:
             e2 = (wb @ x - y).pow_(2)
             plain = float(e2.sum(dtype=torch.float64))
             unweighted += plain
             weighted += plain if h is None else float((e2 * h).sum(dtype=torch.float64))
         return weighted, unweighted
+
+    def ranker(
+        self, grid: UniformGrid, has_bias: bool, weighted: bool = True, float32_small: bool = False
+    ) -> ColumnRanker:
+        """The incremental error of ADMM candidates on ``grid`` over these columns, weighted by their ``H`` or not."""
+        return ColumnRanker(self, grid, has_bias, weighted, float32_small)
 
     def yy_unweighted(self) -> float:
         return float(sum(float((y * y).sum(dtype=torch.float64)) for _, y, _ in self.columns))
@@ -256,7 +247,6 @@ class _ColumnTerms:
             if any(h is not None for h in hs):  # a chunk without weights has weight 1
                 joined_h = torch.cat([h if h is not None else y.new_ones(y.shape[-1]) for y, h in zip(ys, hs)])
             self.columns = [(torch.cat(xs, dim=-1), torch.cat(ys, dim=-1), joined_h)]
-            self._fast = None
         x, _, h = self.columns[0]
         return x, h
 
@@ -306,9 +296,14 @@ class _Statistics(ABC):
         and ``row_scale`` as :meth:`_GramTerms.add` (codes only where :attr:`takes_codes`)."""
 
     @abstractmethod
-    def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
+    def errors(self, wb: torch.Tensor) -> tuple[float, float]:
         """``(weighted, unweighted)`` squared output errors of ``[W b]``; the unweighted one is ``nan`` when
         these statistics cannot give it."""
+
+    @abstractmethod
+    def ranker(self, grid: UniformGrid, has_bias: bool, weighted: bool, float32_small: bool) -> GramRanker | ColumnRanker:
+        """The incremental weighted (or, with ``keep_unweighted``, unweighted) error of ADMM candidates
+        (``float32_small``: see :class:`~monai_efficientq.ranking.GramRanker`)."""
 
     @abstractmethod
     def norms(self) -> tuple[float, float]:
@@ -357,11 +352,16 @@ class _GramStatistics(_Statistics):
                 self.unweighted = _GramTerms(self.dtype)
             self.unweighted.add(x, y, None, None, row_scale)
 
-    def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
-        weighted = self.weighted.error(wb, exact)
+    def errors(self, wb: torch.Tensor) -> tuple[float, float]:
+        weighted = self.weighted.error(wb)
         if self.unweighted is not None:
-            return weighted, self.unweighted.error(wb, exact)
+            return weighted, self.unweighted.error(wb)
         return weighted, weighted if self.uniform else math.nan
+
+    def ranker(self, grid: UniformGrid, has_bias: bool, weighted: bool, float32_small: bool) -> GramRanker:
+        if weighted or self.unweighted is None:  # without attention the weighted terms are the unweighted ones
+            return self.weighted.ranker(grid, has_bias, float32_small=float32_small)
+        return self.unweighted.ranker(grid, has_bias, float32_small=float32_small)
 
     def norms(self) -> tuple[float, float]:
         yy_w = self.weighted.yy
@@ -418,8 +418,11 @@ class _ColumnStatistics(_Statistics):
     ) -> None:
         self.terms.add(x, y, h)  # the columns are stored (dequantized, as takes_codes is False): no product
 
-    def errors(self, wb: torch.Tensor, exact: bool = True) -> tuple[float, float]:
-        return self.terms.errors(wb, exact)  # the columns give both in one pass
+    def errors(self, wb: torch.Tensor) -> tuple[float, float]:
+        return self.terms.errors(wb)  # the columns give both in one pass
+
+    def ranker(self, grid: UniformGrid, has_bias: bool, weighted: bool, float32_small: bool) -> ColumnRanker:
+        return self.terms.ranker(grid, has_bias, weighted, float32_small)
 
     def norms(self) -> tuple[float, float]:
         return self.terms.yy, self.terms.yy_unweighted()
@@ -608,6 +611,7 @@ class LayerSolver:
         self._moments = _TargetMoments()
         self._seen = 0
         self._scratch: torch.Tensor | None = None  # X·H of a chunk: one buffer for all of them, freed by solve()
+        self._ranker: GramRanker | ColumnRanker | None = None  # made by the first _rank(), released by solve()
 
     def _new_statistics(self) -> _Statistics:
         return _STRATEGIES[self.mode](self.dtype, self.settings.best_iterate_error == "unweighted")
@@ -701,21 +705,17 @@ class LayerSolver:
         else:
             self.held.add(x, y.to(work), h, self._scratch_for(x, h))
 
-    @property
-    def _exact_rank(self) -> bool:
-        """Rank in the solve dtype at 4 bits and more. The float32 quadratic term rounds at about 1e-7 of
-        ``‖Y‖²``, near the differences between good 4-bit iterates (output errors ~3e-4 of ``‖Y‖²``): ranked in
-        float32, the bundle SegResNet's W4 output error was 15 % higher. At 2-3 bits float32 ranks as well and
-        costs half as much."""
-        return self.grid.bits >= 4
-
-    def _rank(self, wb: torch.Tensor) -> float:
+    def _rank(self, candidate: _Candidate) -> float:
         """The error that ranks candidate solutions: on the held-out columns when there are any, else the
-        calibration error chosen by ``best_iterate_error`` (see ``_exact_rank`` for its precision)."""
-        if self.held is not None:
-            return self.held.error(wb, exact=self._exact_rank)
-        err_w, err_u = self.statistics.errors(wb, exact=self._exact_rank)
-        return err_w if self.settings.best_iterate_error == "weighted" else err_u
+        calibration error chosen by ``best_iterate_error``; from a :mod:`~monai_efficientq.ranking` ranker, which
+        updates its product with the statistics only where the candidate's codes differ from the last one's."""
+        if self._ranker is None:
+            weighted = self.settings.best_iterate_error == "weighted"
+            terms = self.held if self.held is not None else self.statistics
+            # float32 products for small layers below 4 bits: 4-bit iterates differ by less than float32 rounding of
+            # ‖Y‖²-sized terms (ranked in float32, the bundle SegResNet's W4 output error was 15 % higher)
+            self._ranker = terms.ranker(self.grid, self.has_bias, weighted or self.held is not None, self.grid.bits < 4)
+        return self._ranker.error(candidate.codes, candidate.scale, candidate.bias, candidate.wb)
 
     # ----------------------------------------------------------------------------------------- solve
     def _scale_s(self, attention_mean: float) -> float:
@@ -785,14 +785,14 @@ class LayerSolver:
         with self.timer("scale_fit"):  # round to nearest: the floor, and a candidate ranked like the ADMM iterates
             rtn = self._rtn_candidate()
         with self.timer("admm_rank"):
-            rtn.err = self._rank(rtn.wb)
+            rtn.err = self._rank(rtn)
         s = self._scale_s(attention_mean)
         result = _AdmmResult(rtn, 0, [])
         if self.settings.method == "efficientq":
             result = self._admm(s, rtn if self.settings.rtn_candidate else None, rtn.scale)
         with self.timer("errors"):
             solution = self._solution(result, rtn, s, t0)
-        self.statistics, self.held = self._new_statistics(), None
+        self.statistics, self.held, self._ranker = self._new_statistics(), None, None
         return solution
 
     def _solution(self, result: _AdmmResult, rtn: _Candidate, s: float, t0: float) -> LayerSolution:
@@ -864,7 +864,7 @@ class LayerSolver:
         state.u = state.u + v - state.g
         t2 = time.perf_counter()
         candidate = _Candidate(codes, state.scale, state.g, bias, iteration=iteration)
-        candidate.err = self._rank(candidate.wb)
+        candidate.err = self._rank(candidate)
         self.timer.add("admm_solve", t1 - t0)
         self.timer.add("admm_project", t2 - t1)
         self.timer.add("admm_rank", time.perf_counter() - t2)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from monai_efficientq import ranking
 from monai_efficientq.layers import input_patches, layer_forward, matrix_to_weight, output_matrix, weight_matrix
 from monai_efficientq.quantizer import UniformGrid
 from monai_efficientq.solver import LayerSolver, SolverSettings
@@ -51,7 +52,7 @@ def test_fast_solver_gives_the_same_iterates_as_plain_solve(fast, size, attentio
         assert torch.equal(a["codes"], b["codes"])
     if attention:
         assert sol_fast.best_iteration == sol_ref.best_iteration
-    else:  # the two rank in float32 by different formulas: near-ties may go either way, the errors may not
+    else:  # Woodbury ranks over the columns, the reference over Gram matrices: near-ties may go either way
         assert sol_fast.error == pytest.approx(sol_ref.error, rel=1e-5)
 
 
@@ -246,7 +247,7 @@ def test_early_stop_returns_the_best_of_the_iterates_it_ran():
     assert early.error_weighted >= full.error_weighted - 1e-12  # never better than running them all
 
 
-def test_column_terms_float32_ranking_matches_exact():
+def test_column_terms_errors_match_the_direct_formula():
     torch.manual_seed(0)
     x, y = torch.randn(1, 30, 20, dtype=torch.float64), torch.randn(1, 4, 20, dtype=torch.float64)
     h = torch.rand(20, dtype=torch.float64)
@@ -254,32 +255,37 @@ def test_column_terms_float32_ranking_matches_exact():
     solver = LayerSolver(torch.randn(1, 4, 30), None, UniformGrid(2, "nozero"), True, settings, 20)
     assert solver.mode == "woodbury"
     solver.add(x, y, h)
-    terms = solver.statistics
     wb = torch.randn(1, 4, 30, dtype=torch.float64)
-    exact_w, exact_u = terms.errors(wb)
+    weighted, unweighted = solver.statistics.errors(wb)
     e2 = (wb @ x - y).pow(2)
-    assert exact_w == pytest.approx(float((e2 * h).sum()), rel=1e-12)
-    assert exact_u == pytest.approx(float(e2.sum()), rel=1e-12)
-    fast_w, fast_u = terms.errors(wb, exact=False)
-    assert fast_w == pytest.approx(exact_w, rel=1e-5) and fast_u == pytest.approx(exact_u, rel=1e-5)
+    assert weighted == pytest.approx(float((e2 * h).sum()), rel=1e-12)
+    assert unweighted == pytest.approx(float(e2.sum()), rel=1e-12)
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_ranking_precision_follows_the_bit_width(bits):
-    """4-bit iterates differ by less than float32 rounding of ``‖Y‖²``-sized terms: they are ranked in float64."""
+@pytest.mark.parametrize("mode", ["cholesky", "woodbury"])
+@pytest.mark.parametrize("large", [False, True])
+def test_ranking_precision(bits, mode, large, monkeypatch):
+    """4-bit iterates differ by less than float32 rounding of ``‖Y‖²``-sized terms (a large input mean makes the
+    cancellation visible): they are ranked at the solve dtype's precision, as are large layers at every width (whose
+    products are updated where the codes change); small 2-3-bit layers take float32 products."""
+    if large:
+        monkeypatch.setattr(ranking, "DIRECT_BELOW", 0)
     torch.manual_seed(0)
     w = torch.randn(1, 6, 40, dtype=torch.float64)
-    x = torch.randn(1, 40, 500, dtype=torch.float32) + 3.0  # a large mean makes the float32 cancellation visible
+    columns = 500 if mode == "cholesky" else 12
+    x = torch.randn(1, 40, columns, dtype=torch.float32) + 3.0
     y = (w.float() @ x) * 1.001
-    solver = LayerSolver(w, None, UniformGrid(bits, "nozero"), True, SolverSettings(solver="cholesky"), 500)
+    solver = LayerSolver(w, None, UniformGrid(bits, "nozero"), True, SolverSettings(solver=mode), columns)
     solver.add(x, y)
-    wb = w * 1.0005
-    exact = solver.statistics.errors(wb, exact=True)[0]
-    ranked = solver._rank(wb)
-    if bits >= 4:
-        assert ranked == exact
+    assert solver.mode == mode
+    rtn = solver._rtn_candidate()
+    exact = solver.statistics.errors(rtn.wb)[0]
+    ranked = solver._rank(rtn)
+    if bits >= 4 or large:
+        assert ranked == pytest.approx(exact, rel=1e-9)
     else:
-        assert ranked == solver.statistics.errors(wb, exact=False)[0] and ranked != exact
+        assert ranked != exact and ranked == pytest.approx(exact, rel=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["cholesky", "woodbury", "naive"])
