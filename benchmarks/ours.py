@@ -53,6 +53,7 @@ def report_summary(report: QuantizationReport, optimising: bool) -> dict[str, An
         "held_out_rtn_error_mean": _mean([r.held_out_rtn_error for r in layers]),
         "layers_kept_rtn": sum(r.best_iteration < 0 for r in layers),
         "calibration_shape": list(report.calibration_shape),
+        "phase_seconds": {k: round(v, 3) for k, v in (report.phase_seconds or {}).items()},
     }
 
 

@@ -36,6 +36,8 @@ def _timed_row(name: str, net: nn.Module, calib: Calibration, setting: Setting, 
         peak = peak_memory_mb(device)
         row = {"method": name, "seconds": info["quant_seconds"], "peak_memory_mb": peak, "status": "ok",
                "layers_optimised": info.get("layers_optimised"), "layers_total": info.get("layers_total")}
+        if info.get("phase_seconds"):  # ours: where the time went (the report's phases)
+            row["phase_seconds"] = info["phase_seconds"]
         cumulative = "" if device.type == "cuda" else f" (process RSS, cumulative; was {rss_before:.0f} MB before)"
         print(f"{name:>24s} {setting.name}: {row['seconds']:8.1f} s   peak {peak:8.0f} MB{cumulative}"
               f"   layers optimised {row['layers_optimised']}/{row['layers_total']}", flush=True)

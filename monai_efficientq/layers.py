@@ -173,9 +173,10 @@ def input_patches(
             out[0, : rows.shape[1]].copy_(chunk.t())
             yield slice(start, start + chunk.shape[0]), out
         return
-    xp, stride, dil = equivalent_conv_input(module, x)
+    # one sample at a time: the padded (for a transposed convolution, zero-inserted) input exists for one volume
+    xp, stride, dil = equivalent_conv_input(module, x[:1])
     kernel = module.kernel_size
-    n_batch, c_in = xp.shape[:2]
+    n_batch, c_in = x.shape[0], xp.shape[1]
     out_sizes = [_output_size(n, k, s, d) for n, k, s, d in zip(xp.shape[2:], kernel, stride, dil)]
     rest = math.prod(out_sizes[1:])
     k_total = c_in * math.prod(kernel)
@@ -189,11 +190,14 @@ def input_patches(
     perm = [1] + list(range(2 + nd, 2 + 2 * nd)) + [0] + list(range(2, 2 + nd))
     offset = 0
     for n in range(n_batch):
+        if n:
+            xp = None  # the previous sample's is freed before the next one is built
+            xp = equivalent_conv_input(module, x[n : n + 1])[0]
         for start in range(0, out_sizes[0], rows_per_chunk):
             stop = min(start + rows_per_chunk, out_sizes[0])
             lo = start * stride[0]
             hi = (stop - 1) * stride[0] + dil[0] * (kernel[0] - 1) + 1
-            patch = xp[n : n + 1, :, lo:hi]
+            patch = xp[:, :, lo:hi]
             for i in range(nd):
                 span = dil[i] * (kernel[i] - 1) + 1
                 patch = patch.unfold(2 + i, span, stride[i])

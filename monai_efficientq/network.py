@@ -223,6 +223,8 @@ class _QuantizingRun:
         act_quant, xq = self._quantized_input(layer, x, y, h_map, act_bits)
         sol = self._solve_weights(layer, xq, y, h_map, weight_bits, act_quant)
         del xq
+        if not math.isnan(sol.error):
+            y = None  # no error left to measure on the output: the target is not held through the forward
         with self.timer("forward"):
             q_bias = sol.bias.reshape(-1).to(layer.weight.dtype) if sol.bias is not None else None
             qlayer = build_quantized(
@@ -230,7 +232,7 @@ class _QuantizingRun:
                 self.cfg.weight_scale == "channel", act_quant,
             )
             self.quantized[name] = qlayer
-            out = qlayer(x)
+            out = _forward_by_volume(qlayer, x, self.volumes)
         if math.isnan(sol.error):  # measured on the quantized layer's own output: no second forward
             with self.timer("errors"):
                 sol = self._with_output_errors(sol, out, y, h_map)
@@ -289,6 +291,7 @@ class _QuantizingRun:
         signed = cfg.act_mode == "auto" and bool((x_fit < 0).any())
         fit_values = _inside_body(x_fit, body) if cfg.act_fit == "output" else x_fit  # "output": body voxels only
         act_quant = ActQuantizer(act_bits, signed=signed).fit(fit_values, cfg.act_fit_samples, cfg.seed).to(x.device)
+        del fit_values  # a copy of the body voxels: not kept through the range choice
         if cfg.act_fit == "output":
             h_fit = h_map[:n] if h_map is not None else None
             _choose_act_range(
@@ -405,6 +408,27 @@ class _QuantizingRun:
         )
         if self.progress is not None:
             self.progress.update(1)
+
+
+def _forward_by_volume(module: nn.Module, x: torch.Tensor, volumes: int) -> torch.Tensor:
+    """``module(x)`` one calibration volume at a time, written into one output tensor: the quantized copy of the input
+    and the convolution's workspace then exist for one volume instead of all of them, which is where the quantizing
+    pass peaks in memory (the full-resolution layers). A leading dimension that is no multiple of ``volumes`` (e.g.
+    window-partitioned tokens of another size) runs in one call.
+
+    The outputs can differ from one batched call in the last bits (the convolution kernels block a batch
+    differently); they do not depend on how many volumes there are.
+    """
+    if volumes <= 1 or x.shape[0] % volumes:
+        return module(x)
+    rows = x.shape[0] // volumes
+    first = module(x[:rows])
+    out = first.new_empty((x.shape[0], *first.shape[1:]))
+    out[:rows] = first
+    del first
+    for start in range(rows, x.shape[0], rows):
+        out[start : start + rows] = module(x[start : start + rows])
+    return out
 
 
 def _split_columns(

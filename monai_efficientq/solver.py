@@ -200,20 +200,35 @@ class _GramTerms:
 
 class _ColumnTerms:
     """The interface of :class:`_GramTerms` over stored columns ``(X, Y, H)``: for layers with fewer output voxels
-    than unknowns, where the columns are smaller than the Gram matrices."""
+    than unknowns, where the columns are smaller than the Gram matrices.
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    Args:
+        dtype: the solve dtype, in which the columns are read.
+        keep_float32: store float32 patches ``X`` as they come (they convert exactly to a wider solve dtype), and
+            convert them into one joined matrix when first read (:meth:`joined`): the chunks then take half the
+            memory of float64 copies, and the join adds half a copy at most instead of a whole one.
+    """
+
+    def __init__(self, dtype: torch.dtype, keep_float32: bool = False) -> None:
         self.dtype = dtype
+        self.keep_float32 = keep_float32
         self.columns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.yy = 0.0
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, scratch: torch.Tensor | None = None) -> None:
         """Store a chunk (``scratch`` is unused: the interface of :meth:`_GramTerms.add`)."""
         # copies: the chunks may be views of buffers their producer reuses (``layers.input_patches``)
-        x, y = x.to(self.dtype, copy=True), y.to(self.dtype, copy=True)
+        stored = x.dtype if self.keep_float32 and x.dtype == torch.float32 else self.dtype
+        x, y = x.to(stored, copy=True), y.to(self.dtype, copy=True)
         h = h.to(self.dtype, copy=True) if h is not None else None
         self.columns.append((x, y, h))
         self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
+
+    def _readable(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The columns, joined first if any chunk is still in its float32 form."""
+        if any(x.dtype != self.dtype for x, _, _ in self.columns):
+            self.joined()
+        return self.columns
 
     def error(self, wb: torch.Tensor) -> float:
         """``‖[W b]·X − Y‖²_H`` over the stored columns."""
@@ -222,7 +237,7 @@ class _ColumnTerms:
     def errors(self, wb: torch.Tensor) -> tuple[float, float]:
         """The squared error weighted by the stored ``H`` and unweighted, in one pass over the columns."""
         weighted = unweighted = 0.0
-        for x, y, h in self.columns:
+        for x, y, h in self._readable():
             e2 = (wb @ x - y).pow_(2)
             plain = float(e2.sum(dtype=torch.float64))
             unweighted += plain
@@ -233,32 +248,44 @@ class _ColumnTerms:
         self, grid: UniformGrid, has_bias: bool, weighted: bool = True, float32_small: bool = False
     ) -> ColumnRanker:
         """The incremental error of ADMM candidates on ``grid`` over these columns, weighted by their ``H`` or not."""
+        self._readable()  # the ranker reads the columns in the solve dtype
         return ColumnRanker(self, grid, has_bias, weighted, float32_small)
 
     def yy_unweighted(self) -> float:
         return float(sum(float((y * y).sum(dtype=torch.float64)) for _, y, _ in self.columns))
 
     def joined(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """All columns as one ``X`` (``(groups, K, P)``) and their weights ``H`` (``None``: all ones). The chunks are
-        replaced by the joined matrix, so it is held once."""
-        if len(self.columns) > 1:
-            xs, ys, hs = zip(*self.columns)
+        """All columns as one ``X`` (``(groups, K, P)``, in the solve dtype) and their weights ``H`` (``None``: all
+        ones). The chunks are replaced by the joined matrix, each freed once copied in, so it is held once."""
+        if len(self.columns) > 1 or self.columns[0][0].dtype != self.dtype:
+            chunks, self.columns = self.columns, []
+            _, ys, hs = zip(*chunks)
             joined_h = None
             if any(h is not None for h in hs):  # a chunk without weights has weight 1
                 joined_h = torch.cat([h if h is not None else y.new_ones(y.shape[-1]) for y, h in zip(ys, hs)])
-            self.columns = [(torch.cat(xs, dim=-1), torch.cat(ys, dim=-1), joined_h)]
+            first = chunks[0][0]
+            joined_x = torch.empty(
+                (*first.shape[:-1], sum(x.shape[-1] for x, _, _ in chunks)), dtype=self.dtype, device=first.device
+            )
+            start = 0
+            while chunks:
+                x = chunks.pop(0)[0]
+                joined_x[..., start : start + x.shape[-1]].copy_(x)  # float32 to float64: exact
+                start += x.shape[-1]
+                del x
+            self.columns = [(joined_x, torch.cat(ys, dim=-1), joined_h)]
         x, _, h = self.columns[0]
         return x, h
 
     @property
     def A(self) -> torch.Tensor:
         """``Σ X·H·Xᵀ``."""
-        return sum((x if h is None else x * h) @ x.transpose(1, 2) for x, _, h in self.columns)
+        return sum((x if h is None else x * h) @ x.transpose(1, 2) for x, _, h in self._readable())
 
     @property
     def B(self) -> torch.Tensor:
         """``Σ Y·H·Xᵀ``."""
-        return sum((y if h is None else y * h) @ x.transpose(1, 2) for x, y, h in self.columns)
+        return sum((y if h is None else y * h) @ x.transpose(1, 2) for x, y, h in self._readable())
 
 
 # --------------------------------------------------------------------------------------------- strategies
@@ -274,6 +301,8 @@ class _Statistics(ABC):
     name = ""
     #: whether :meth:`add` takes int8 codes with a ``row_scale`` (summed exactly); else they come dequantized
     takes_codes = False
+    #: whether :meth:`add` uses a ``scratch`` buffer (for ``X·H``)
+    uses_scratch = True
 
     def __init__(self, dtype: torch.dtype, keep_unweighted: bool) -> None:
         self.dtype = dtype
@@ -282,6 +311,10 @@ class _Statistics(ABC):
     @abstractmethod
     def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype in which a chunk arriving in ``dtype`` is added."""
+
+    def patches_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype in which a chunk's patches arriving in ``dtype`` are added (its targets: :meth:`chunk_dtype`)."""
+        return self.chunk_dtype(dtype)
 
     @abstractmethod
     def add(
@@ -400,13 +433,17 @@ class _ColumnStatistics(_Statistics):
     ``2A = S·Sᵀ``: one ``P×P`` Cholesky factorisation per ρ."""
 
     name = "woodbury"
+    uses_scratch = False  # the columns are stored, not multiplied
 
     def __init__(self, dtype: torch.dtype, keep_unweighted: bool) -> None:
         super().__init__(dtype, keep_unweighted)
-        self.terms = _ColumnTerms(dtype)
+        self.terms = _ColumnTerms(dtype, keep_float32=True)
 
     def chunk_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return self.dtype  # the columns are kept: stored in the solve dtype
+        return self.dtype  # the targets and weights are kept in the solve dtype
+
+    def patches_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype if dtype == torch.float32 else self.dtype  # float32 patches stay float32 until joined
 
     def add(
         self,
@@ -659,11 +696,11 @@ class LayerSolver:
             self._add_held_out(x, y, h, row_scale)
             return
         work = self.statistics.chunk_dtype(x.dtype if row_scale is None else y.dtype)
-        x = self._with_ones(x if row_scale is not None else x.to(work))
+        x = self._with_ones(x if row_scale is not None else x.to(self.statistics.patches_dtype(x.dtype)))
         y = y.to(work)
         hw = h.to(work) if h is not None else None
         self._moments.add(y, hw)
-        scratch = self._scratch_for(x, hw) if row_scale is None else None
+        scratch = self._scratch_for(x, hw) if row_scale is None and self.statistics.uses_scratch else None
         self.statistics.add(x, y, hw, scratch, row_scale)
 
     def _sums_codes(self, codes: torch.Tensor, h: torch.Tensor | None) -> bool:

@@ -143,3 +143,20 @@ def test_patches_of_int8_codes_and_a_column_cap(make):
     joined = torch.cat([p for _, p in capped], dim=-1)
     assert torch.equal(joined.double(), torch.cat([p for _, p in floats], dim=-1))
     assert [c.stop for c, _ in capped][-1] == [c.stop for c, _ in floats][-1]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_patches_pad_one_sample_at_a_time(transposed, monkeypatch):
+    """The padded (zero-inserted) input is built per sample, so it never holds a copy of the whole batch."""
+    from monai_efficientq import layers
+
+    torch.manual_seed(0)
+    conv = (nn.ConvTranspose3d(2, 3, 3, stride=2, padding=1) if transposed else nn.Conv3d(2, 3, 3, padding=1)).double()
+    x = torch.randn(3, 2, 4, 4, 4, dtype=torch.float64)
+    batches = []
+    original = layers.equivalent_conv_input
+    monkeypatch.setattr(layers, "equivalent_conv_input", lambda m, v: batches.append(v.shape[0]) or original(m, v))
+    columns = torch.cat([p.clone() for _, p in layers.input_patches(conv, x, 1 << 12, torch.float64)], dim=-1)
+    assert batches == [1, 1, 1]
+    out = (layers.weight_matrix(conv).detach() @ columns).reshape(-1)  # one group
+    assert torch.allclose(out, (layers.output_matrix(conv, conv(x) - conv.bias.view(1, -1, 1, 1, 1))).reshape(-1))

@@ -6,7 +6,7 @@ from torch import nn
 
 from monai_efficientq import EfficientQConfig, LayerCalledTwiceError, quantize_network
 from monai_efficientq.modules import QuantizedMixin
-from monai_efficientq.network import _TargetRecorder
+from monai_efficientq.network import _forward_by_volume, _TargetRecorder
 from monai_efficientq.targets import TargetStore
 
 from nets import tiny_basic_unet, tiny_segresnet, tiny_unet_bn, volume
@@ -413,3 +413,28 @@ def test_quantized_inputs_stream_their_int8_codes(act_bits, monkeypatch):
     _, report = _quantize(tiny_segresnet(), volume(16), weight_bits=2, act_bits=act_bits, iterations=3)
     quantized_inputs = [r for r in report.layers if r.act_bits is not None]
     assert bool(calls) == bool(quantized_inputs) == (act_bits is not None)
+
+
+class _CallCounter(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.batches = inner, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("batch, volumes, calls", [(3, 3, [1, 1, 1]), (6, 3, [2, 2, 2]), (4, 3, [4]), (2, 1, [2])])
+def test_the_quantizing_forward_runs_one_volume_at_a_time(batch, volumes, calls):
+    torch.manual_seed(0)
+    conv = nn.Conv3d(2, 3, 3, padding=1)
+    counter = _CallCounter(conv)
+    x = torch.randn(batch, 2, 5, 5, 5)
+    out = _forward_by_volume(counter, x, volumes)
+    assert counter.batches == calls  # rows of one volume per call; no multiple of the volumes: one call
+    assert torch.allclose(out, conv(x), rtol=1e-5, atol=1e-6)
+    for start in range(0, batch, batch // len(calls)):  # each volume's output is that of the volume alone
+        part = slice(start, start + batch // len(calls))
+        assert torch.equal(out[part], conv(x[part]))
+

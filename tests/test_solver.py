@@ -473,3 +473,32 @@ def test_int8_code_gram_of_few_columns_is_exact(columns):
     torch.manual_seed(columns)
     codes = torch.randint(-127, 128, (1728, columns), dtype=torch.int8)
     assert torch.equal(_code_gram(codes).long(), codes.long() @ codes.long().t())
+
+
+def test_woodbury_columns_kept_in_float32_until_joined_give_the_same_solution(monkeypatch):
+    """Float32 patches convert exactly to float64: kept as they come and joined into one float64 matrix when first
+    read, they give the solution of columns converted as they arrive, bit for bit."""
+    from monai_efficientq import solver as solver_module
+
+    layer, x, y, h = _problem(c_in=8, size=3, seed=3)
+    w = weight_matrix(layer).detach()
+    b = layer.bias.detach().reshape(w.shape[0], w.shape[1])
+    y_mat = output_matrix(layer, y).float()
+
+    def solve():
+        settings = SolverSettings(iterations=20, rho_step_every=5, patience=None, solver="woodbury")
+        solver = LayerSolver(w, b, UniformGrid(2, "nozero"), True, settings, y_mat.shape[-1])
+        for cols, patches in input_patches(layer, x.float(), 12, torch.float32):  # several chunks
+            solver.add(patches, y_mat[..., cols], h[cols].float())
+        kept = [c[0].dtype for c in solver.statistics.terms.columns]
+        solver.statistics.terms.joined()  # both read one joined matrix (sums over chunks would round differently)
+        return solver.solve(), kept
+
+    kept_sol, kept_dtypes = solve()
+    assert len(kept_dtypes) > 1 and set(kept_dtypes) == {torch.float32}
+    monkeypatch.setattr(solver_module._ColumnStatistics, "patches_dtype", lambda self, dtype: self.dtype)
+    converted_sol, converted_dtypes = solve()
+    assert set(converted_dtypes) == {torch.float64}
+    assert torch.equal(kept_sol.codes, converted_sol.codes) and torch.equal(kept_sol.weight, converted_sol.weight)
+    assert torch.equal(kept_sol.bias, converted_sol.bias)
+    assert (kept_sol.error, kept_sol.rtn_error) == (converted_sol.error, converted_sol.rtn_error)
