@@ -76,6 +76,12 @@ def _squared_sum(residual: torch.Tensor, h: torch.Tensor | None) -> float:
     return float((e2 * h).sum(dtype=torch.float64) if h is not None else e2.sum(dtype=torch.float64))
 
 
+def _same_chunks(kept: list[torch.Tensor], columns: list) -> bool:
+    """Whether ``kept`` are the ``X`` of the stored ``(X, Y, H)`` chunks ``columns``, the same objects in order (a
+    join of the chunks makes new ones)."""
+    return len(kept) == len(columns) and all(c is x for c, (x, _, _) in zip(kept, columns))
+
+
 def _add_rows(product: torch.Tensor, positions: torch.Tensor, changes: torch.Tensor, source: torch.Tensor) -> None:
     """``product[g, r] += δ · source[g, j]`` for each changed level ``δ`` at ``(g, r, j)`` (in place), as the product
     of the sparse changes with ``source`` (gathering the rows first is several times slower on the CPU)."""
@@ -200,8 +206,7 @@ class ColumnRanker:
             return sum(_squared_sum(wb @ x - y, h if self.weighted else None) for x, y, h in columns)
         levels = _levels(codes, self.grid, dtype)
         update = self._tracker.changes(levels)
-        same_chunks = len(self._chunks) == len(columns) and all(c is x for c, (x, _, _) in zip(self._chunks, columns))
-        if update is None or not same_chunks:
+        if update is None or not _same_chunks(self._chunks, columns):
             self._products = [levels @ x[:, :k] for x, _, _ in columns]
             self._chunks = [x for x, _, _ in columns]
         else:
@@ -218,9 +223,7 @@ class ColumnRanker:
 
     def _float32(self, columns: list) -> list:
         """Float32 copies of the stored chunks (made again if the chunks changed)."""
-        if self._columns32 is None or len(self._columns32[0]) != len(columns) or any(
-            c is not x for c, (x, _, _) in zip(self._columns32[0], columns)
-        ):
+        if self._columns32 is None or not _same_chunks(self._columns32[0], columns):
             f32 = torch.float32
             copies = [(x.to(f32), y.to(f32), h.to(f32) if h is not None else None) for x, y, h in columns]
             self._columns32 = ([x for x, _, _ in columns], copies)
