@@ -480,15 +480,15 @@ def _choose_act_range(
     bias = layer.bias.detach() if layer.bias is not None else None
     m = sampled_output_step(layer, tuple(y.shape), min_voxels) if min_voxels else 1
     every_m = (slice(None),) * 2 + (slice(None, None, m),) * (y.dim() - 2)
-    y = y[every_m]
-    h = h_map[every_m[1:]].to(y.device, y.dtype).unsqueeze(1) if h_map is not None else None
+    y = y[every_m].contiguous()  # read by every factor
+    h = h_map[every_m[1:]].contiguous() if h_map is not None else None
     best_err, best_factor = math.inf, 1.0
     x_quant = torch.empty_like(x, memory_format=torch.contiguous_format)  # reused by every factor
     for factor in factors:
         act_quant.step.copy_(step0 * factor)
         act_quant.offset.copy_(offset0 * factor)
-        e2 = (subsampled_forward(layer, act_quant.quantize(x, out=x_quant), weight, bias, m) - y).pow_(2)
-        err = float((e2 * h).sum(dtype=torch.float64) if h is not None else e2.sum(dtype=torch.float64))
+        out = subsampled_forward(layer, act_quant.quantize(x, out=x_quant), weight, bias, m)
+        err = _squared_error_sums(out, y, h)[1]
         if err < best_err:
             best_err, best_factor = err, factor
     act_quant.step.copy_(step0 * best_factor)
@@ -509,22 +509,54 @@ def _relative_errors(
     equivalent-convolution layout."""
     w = matrix_to_weight(layer, weight.to(layer.weight.dtype))
     b = bias.reshape(-1).to(layer.weight.dtype) if bias is not None else None
-    return _output_errors(layer_forward(layer, xq.to(y.device), w, b), y, h_map, in_place=True)
+    return _output_errors(layer_forward(layer, xq.to(y.device), w, b), y, h_map)
 
 
-def _output_errors(
-    out: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None = None, in_place: bool = False
-) -> tuple[float, float]:
+def _output_errors(out: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None = None) -> tuple[float, float]:
     """``‖out − y‖² / ‖y‖²``, unweighted and weighted by ``h_map`` (as :func:`_relative_errors`); squares in
-    ``y``'s dtype, summed in float64. ``in_place``: ``out`` may be overwritten."""
-    e2 = (out.sub_(y) if in_place else out - y).pow_(2)
-    y2 = y * y
-    unweighted = float(e2.sum(dtype=torch.float64)) / max(float(y2.sum(dtype=torch.float64)), 1e-300)
-    if h_map is None:
-        return unweighted, unweighted
-    h = h_map.to(y.device, y.dtype).unsqueeze(1)
-    weighted = float(e2.mul_(h).sum(dtype=torch.float64)) / max(float(y2.mul_(h).sum(dtype=torch.float64)), 1e-300)
-    return unweighted, weighted
+    ``y``'s dtype, summed in float64."""
+    e2, e2_weighted = _squared_error_sums(out, y, h_map)
+    y2, y2_weighted = _squared_error_sums(None, y, h_map)
+    return e2 / max(y2, 1e-300), e2_weighted / max(y2_weighted, 1e-300)
+
+
+#: Values per block of :func:`_squared_error_sums` on the CPU: a block's difference, square and weight stay in the
+#: cache, and its float64 sum is one of few values (one float64 sum over a whole layer output is several times slower).
+_ERROR_BLOCK = 1 << 16
+
+
+def _squared_error_sums(
+    out: torch.Tensor | None, y: torch.Tensor, h_map: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """``Σ (out − y)²`` and ``Σ h·(out − y)²``: squares in ``y``'s dtype, summed in float64 (block by block on the
+    CPU, where the order of the sums is the only difference).
+
+    Args:
+        out: the layer's output, ``y``'s shape; ``None`` for zeros (the sums of ``y²``).
+        y: the target ``(N, C, *S)`` (any shape when there is no ``h_map``).
+        h_map: one weight per output voxel of every channel, ``(N, *S)``; ``None``: the first sum twice.
+    """
+    h = h_map.to(y.device, y.dtype) if h_map is not None else None
+    by_blocks = y.device.type == "cpu" and y.dim() >= 2 and (h is None or h.shape == y.shape[:1] + y.shape[2:])
+    if not by_blocks:
+        e2 = (out - y).pow_(2) if out is not None else y * y
+        total = float(e2.sum(dtype=torch.float64))
+        return total, (float(e2.mul_(h.unsqueeze(1)).sum(dtype=torch.float64)) if h is not None else total)
+    n, c = y.shape[:2]
+    target = y.reshape(n, c, -1)
+    output = out.reshape(n, c, -1) if out is not None else None
+    weights = h.reshape(n, 1, -1) if h is not None else None
+    width = max(_ERROR_BLOCK // c, 1)
+    total, weighted = 0.0, 0.0
+    for i in range(n):
+        for start in range(0, target.shape[2], width):
+            part = slice(start, start + width)
+            t = target[i, :, part]
+            e2 = torch.sub(output[i, :, part], t).pow_(2) if output is not None else t * t
+            total += float(e2.sum(dtype=torch.float64))
+            if weights is not None:
+                weighted += float(e2.mul_(weights[i, :, part]).sum(dtype=torch.float64))
+    return total, (weighted if weights is not None else total)
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:

@@ -197,6 +197,21 @@ def test_act_quantizer_codes_times_step_are_its_output(bits, block, monkeypatch)
     assert torch.equal(quant.codes(quant(x)), codes)  # the codes of an already quantized input are its own
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_act_quantizer_quantize_by_blocks_is_the_whole_tensor_arithmetic(signed, monkeypatch):
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 5, 7) * 3
+    quant = ActQuantizer(3, signed=signed).fit(x)
+    whole = quant._quantize_into(x, torch.empty_like(x))  # the four element-wise passes over the whole tensor
+    monkeypatch.setattr(quantizer_module, "_CODES_BLOCK", 7)  # many blocks, the last one partial
+    assert torch.equal(quant.quantize(x), whole)
+    buffer = torch.full_like(x, float("nan"))
+    assert quant.quantize(x, out=buffer) is buffer and torch.equal(buffer, whole)
+    channels_last = x.permute(0, 2, 3, 1)  # not contiguous: one pass over the whole tensor
+    assert torch.equal(quant.quantize(channels_last), whole.permute(0, 2, 3, 1))
+    assert len({float(v) for v in whole.unique()}) <= quant.num_levels
+
+
 @pytest.mark.parametrize("bits, signed", [(8, False), (2, True)])
 def test_act_quantizer_codes_need_an_unsigned_grid_of_at_most_7_bits(bits, signed):
     quant = ActQuantizer(bits, signed=signed).fit(torch.randn(100))
