@@ -236,7 +236,7 @@ def sampled_output_step(module: nn.Module, output_shape: tuple[int, ...], min_vo
     """The largest step ``m`` such that every ``m``-th output voxel along each spatial axis still leaves
     ``min_voxels`` voxels (over the batch), for a layer whose output :func:`subsampled_forward` can compute
     directly; 1 for the others (Linear, transposed convolutions, non-zero padding modes, string padding)."""
-    if not isinstance(module, _CONVS) or module.padding_mode != "zeros" or isinstance(module.padding, str):
+    if not _subsamples_directly(module):
         return 1
     voxels = math.prod(output_shape[2:]) * output_shape[0]
     step = 1
@@ -245,15 +245,46 @@ def sampled_output_step(module: nn.Module, output_shape: tuple[int, ...], min_vo
     return step
 
 
+def _subsamples_directly(module: nn.Module) -> bool:
+    """Whether :func:`subsampled_forward` computes ``module``'s sub-sampled output as one strided convolution."""
+    return isinstance(module, _CONVS) and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def sampled_output_steps(module: nn.Module, output_shape: tuple[int, ...], min_voxels: int) -> tuple[int, ...]:
+    """One step per spatial axis: :func:`sampled_output_step`'s ``m`` on every axis, then each axis's step in turn
+    raised by one while every step-th output voxel still leaves ``min_voxels`` (over the batch), until none can be.
+    The sub-grid then has between ``min_voxels`` and about twice as many voxels, where one step for all axes can
+    leave up to ``(m + 1)³/m³`` times as many (5× for three 48³ volumes and 2^16 voxels). All ones for the layers
+    :func:`sampled_output_step` does not sub-sample, and for ``min_voxels`` below 1."""
+    spatial = tuple(output_shape[2:])
+    if min_voxels < 1 or not _subsamples_directly(module):
+        return (1,) * len(spatial)
+    steps = [sampled_output_step(module, output_shape, min_voxels)] * len(spatial)
+
+    def voxels(candidate: list[int]) -> int:
+        return output_shape[0] * math.prod(-(-size // step) for size, step in zip(spatial, candidate))
+
+    grown = True
+    while grown:
+        grown = False
+        for axis in range(len(steps)):
+            candidate = steps[:axis] + [steps[axis] + 1] + steps[axis + 1 :]
+            if voxels(candidate) >= min_voxels:
+                steps, grown = candidate, True
+    return tuple(steps)
+
+
 def subsampled_forward(
-    module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, step: int
+    module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, step: int | tuple[int, ...]
 ) -> torch.Tensor:
     """``layer_forward(module, x, weight, bias)[..., ::step, ::step, ::step]`` computed directly (a convolution
-    with ``step`` times the stride), for the layers :func:`sampled_output_step` accepts."""
-    if step == 1:
+    with ``step`` times the stride; ``step`` one for all spatial axes or one per axis), for the layers
+    :func:`sampled_output_step` accepts."""
+    if step == 1 or (not isinstance(step, int) and all(m == 1 for m in step)):
         return layer_forward(module, x, weight, bias)
+    steps = (step,) * len(module.kernel_size) if isinstance(step, int) else tuple(step)
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
-    stride = tuple(s * step for s in module.stride)
+    stride = tuple(s * m for s, m in zip(module.stride, steps))
     return fn(x, weight, bias, stride, module.padding, module.dilation, module.groups)
 
 

@@ -33,7 +33,7 @@ from .layers import (
     matrix_to_weight,
     num_output_voxels,
     output_matrix,
-    sampled_output_step,
+    sampled_output_steps,
     subsampled_forward,
     weight_matrix,
 )
@@ -472,14 +472,15 @@ def _choose_act_range(
     ``factors`` whose quantized input gives the float ``layer`` the lowest attention-weighted error against
     its target ``y``; sets it in place and returns the chosen factor.
 
-    The errors are measured on every ``m``-th output voxel along each axis, the largest ``m`` that keeps
-    ``min_voxels`` of them (all voxels for layers whose output cannot be sub-sampled directly).
+    The errors are measured on a regular sub-grid of the output voxels with at least ``min_voxels`` of them (all
+    voxels for layers whose output cannot be sub-sampled directly): every ``m``-th voxel along each axis, one ``m``
+    per axis (:func:`~monai_efficientq.layers.sampled_output_steps`).
     """
     step0, offset0 = act_quant.step.clone(), act_quant.offset.clone()
     weight = layer.weight.detach()
     bias = layer.bias.detach() if layer.bias is not None else None
-    m = sampled_output_step(layer, tuple(y.shape), min_voxels) if min_voxels else 1
-    every_m = (slice(None),) * 2 + (slice(None, None, m),) * (y.dim() - 2)
+    m = sampled_output_steps(layer, tuple(y.shape), min_voxels) if min_voxels else (1,) * (y.dim() - 2)
+    every_m = (slice(None),) * 2 + tuple(slice(None, None, step) for step in m)
     y = y[every_m].contiguous()  # read by every factor
     h = h_map[every_m[1:]].contiguous() if h_map is not None else None
     best_err, best_factor = math.inf, 1.0

@@ -89,7 +89,7 @@ def test_chunks_stay_bounded():
     assert max(sizes) <= 2**20
 
 
-@pytest.mark.parametrize("stride, dilation, step", [(1, 1, 2), (2, 1, 3), (1, 2, 2)])
+@pytest.mark.parametrize("stride, dilation, step", [(1, 1, 2), (2, 1, 3), (1, 2, 2), (1, 1, (3, 1, 2)), (2, 1, (1, 2, 1))])
 def test_subsampled_forward_is_every_step_th_output_voxel(stride, dilation, step):
     from monai_efficientq.layers import layer_forward, subsampled_forward
 
@@ -98,7 +98,28 @@ def test_subsampled_forward_is_every_step_th_output_voxel(stride, dilation, step
     x = torch.randn(2, 3, 13, 12, 11)
     full = layer_forward(layer, x, layer.weight, layer.bias)
     sub = subsampled_forward(layer, x, layer.weight, layer.bias, step)
-    assert torch.allclose(sub, full[..., ::step, ::step, ::step], atol=1e-6)
+    d, h, w = (step,) * 3 if isinstance(step, int) else step
+    assert torch.allclose(sub, full[..., ::d, ::h, ::w], atol=1e-6)
+
+
+def test_sampled_output_steps_per_axis_keep_enough_voxels_and_no_more_than_needed():
+    from monai_efficientq.layers import sampled_output_step, sampled_output_steps
+
+    conv = nn.Conv3d(2, 2, 3, padding=1)
+    for shape, min_voxels in [((3, 2, 48, 48, 48), 2**16), ((3, 2, 96, 96, 96), 2**16), ((2, 2, 40, 40, 40), 2000),
+                              ((1, 2, 13, 7, 30), 50)]:
+        steps = sampled_output_steps(conv, shape, min_voxels)
+        kept = torch.zeros(shape[2:])[::steps[0], ::steps[1], ::steps[2]].numel() * shape[0]
+        assert kept >= min_voxels
+        assert min(steps) >= sampled_output_step(conv, shape, min_voxels)  # never more voxels than one step for all
+        for axis in range(3):  # no axis could take one more step
+            more = list(steps)
+            more[axis] += 1
+            assert torch.zeros(shape[2:])[::more[0], ::more[1], ::more[2]].numel() * shape[0] < min_voxels
+    assert sampled_output_steps(conv, (3, 2, 48, 48, 48), 2**16) == (2, 2, 1)  # 82,944 voxels instead of 331,776
+    assert sampled_output_steps(conv, (3, 2, 24, 24, 24), 2**16) == (1, 1, 1)  # fewer than 2^16 in all
+    assert sampled_output_steps(nn.ConvTranspose3d(2, 2, 2, stride=2), (1, 2, 40, 40, 40), 10) == (1, 1, 1)
+    assert sampled_output_steps(conv, (1, 2, 40, 40, 40), 0) == (1, 1, 1)
 
 
 def test_sampled_output_step_keeps_enough_voxels_and_skips_what_it_cannot_sample():
