@@ -298,3 +298,42 @@ def layer_forward(
         fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(module.kernel_size)]
         return fn(x, weight, bias, module.stride, module.padding, module.output_padding, module.groups, module.dilation)
     return module._conv_forward(x, weight, bias)
+
+
+#: Values per block of :func:`squared_error_sums` on the CPU: a block's difference, square and weight stay in the
+#: cache, and its float64 sum is one of few values (one float64 sum over a whole layer output is several times slower).
+_ERROR_BLOCK = 1 << 16
+
+
+def squared_error_sums(
+    out: torch.Tensor | None, y: torch.Tensor, h_map: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """``Σ (out − y)²`` and ``Σ h·(out − y)²``: squares in ``y``'s dtype, summed in float64 (block by block on the
+    CPU, where the order of the sums is the only difference).
+
+    Args:
+        out: the layer's output, ``y``'s shape; ``None`` for zeros (the sums of ``y²``).
+        y: the target ``(N, C, *S)`` (any shape when there is no ``h_map``).
+        h_map: one weight per output voxel of every channel, ``(N, *S)``; ``None``: the first sum twice.
+    """
+    h = h_map.to(y.device, y.dtype) if h_map is not None else None
+    by_blocks = y.device.type == "cpu" and y.dim() >= 2 and (h is None or h.shape == y.shape[:1] + y.shape[2:])
+    if not by_blocks:
+        e2 = (out - y).pow_(2) if out is not None else y * y
+        total = float(e2.sum(dtype=torch.float64))
+        return total, (float(e2.mul_(h.unsqueeze(1)).sum(dtype=torch.float64)) if h is not None else total)
+    n, c = y.shape[:2]
+    target = y.reshape(n, c, -1)
+    output = out.reshape(n, c, -1) if out is not None else None
+    weights = h.reshape(n, 1, -1) if h is not None else None
+    width = max(_ERROR_BLOCK // c, 1)
+    total, weighted = 0.0, 0.0
+    for i in range(n):
+        for start in range(0, target.shape[2], width):
+            part = slice(start, start + width)
+            t = target[i, :, part]
+            e2 = torch.sub(output[i, :, part], t).pow_(2) if output is not None else t * t
+            total += float(e2.sum(dtype=torch.float64))
+            if weights is not None:
+                weighted += float(e2.mul_(weights[i, :, part]).sum(dtype=torch.float64))
+    return total, (weighted if weights is not None else total)

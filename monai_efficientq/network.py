@@ -34,6 +34,7 @@ from .layers import (
     num_output_voxels,
     output_matrix,
     sampled_output_steps,
+    squared_error_sums,
     subsampled_forward,
     weight_matrix,
 )
@@ -42,7 +43,7 @@ from .modules import QuantizedMixin, QuantizedNetInfo, build_quantized, quantiza
 from .quantizer import ActQuantizer, UniformGrid
 from .report import LayerRecord, QuantizationReport
 from .solver import CODE_GRAM_MAX_COLUMNS, LayerSolution, LayerSolver, SolverSettings
-from .targets import TargetStore
+from .targets import MEMORY_BUDGET, TargetStore
 from .timing import PhaseTimer, peak_memory
 
 __all__ = ["quantize_network", "prepare_calibration", "quantizable_layers", "LayerCalledTwiceError"]
@@ -489,7 +490,7 @@ def _choose_act_range(
         act_quant.step.copy_(step0 * factor)
         act_quant.offset.copy_(offset0 * factor)
         out = subsampled_forward(layer, act_quant.quantize(x, out=x_quant), weight, bias, m)
-        err = _squared_error_sums(out, y, h)[1]
+        err = squared_error_sums(out, y, h)[1]
         if err < best_err:
             best_err, best_factor = err, factor
     act_quant.step.copy_(step0 * best_factor)
@@ -516,48 +517,9 @@ def _relative_errors(
 def _output_errors(out: torch.Tensor, y: torch.Tensor, h_map: torch.Tensor | None = None) -> tuple[float, float]:
     """``‖out − y‖² / ‖y‖²``, unweighted and weighted by ``h_map`` (as :func:`_relative_errors`); squares in
     ``y``'s dtype, summed in float64."""
-    e2, e2_weighted = _squared_error_sums(out, y, h_map)
-    y2, y2_weighted = _squared_error_sums(None, y, h_map)
+    e2, e2_weighted = squared_error_sums(out, y, h_map)
+    y2, y2_weighted = squared_error_sums(None, y, h_map)
     return e2 / max(y2, 1e-300), e2_weighted / max(y2_weighted, 1e-300)
-
-
-#: Values per block of :func:`_squared_error_sums` on the CPU: a block's difference, square and weight stay in the
-#: cache, and its float64 sum is one of few values (one float64 sum over a whole layer output is several times slower).
-_ERROR_BLOCK = 1 << 16
-
-
-def _squared_error_sums(
-    out: torch.Tensor | None, y: torch.Tensor, h_map: torch.Tensor | None = None
-) -> tuple[float, float]:
-    """``Σ (out − y)²`` and ``Σ h·(out − y)²``: squares in ``y``'s dtype, summed in float64 (block by block on the
-    CPU, where the order of the sums is the only difference).
-
-    Args:
-        out: the layer's output, ``y``'s shape; ``None`` for zeros (the sums of ``y²``).
-        y: the target ``(N, C, *S)`` (any shape when there is no ``h_map``).
-        h_map: one weight per output voxel of every channel, ``(N, *S)``; ``None``: the first sum twice.
-    """
-    h = h_map.to(y.device, y.dtype) if h_map is not None else None
-    by_blocks = y.device.type == "cpu" and y.dim() >= 2 and (h is None or h.shape == y.shape[:1] + y.shape[2:])
-    if not by_blocks:
-        e2 = (out - y).pow_(2) if out is not None else y * y
-        total = float(e2.sum(dtype=torch.float64))
-        return total, (float(e2.mul_(h.unsqueeze(1)).sum(dtype=torch.float64)) if h is not None else total)
-    n, c = y.shape[:2]
-    target = y.reshape(n, c, -1)
-    output = out.reshape(n, c, -1) if out is not None else None
-    weights = h.reshape(n, 1, -1) if h is not None else None
-    width = max(_ERROR_BLOCK // c, 1)
-    total, weighted = 0.0, 0.0
-    for i in range(n):
-        for start in range(0, target.shape[2], width):
-            part = slice(start, start + width)
-            t = target[i, :, part]
-            e2 = torch.sub(output[i, :, part], t).pow_(2) if output is not None else t * t
-            total += float(e2.sum(dtype=torch.float64))
-            if weights is not None:
-                weighted += float(e2.mul_(weights[i, :, part]).sum(dtype=torch.float64))
-    return total, (weighted if weights is not None else total)
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
@@ -700,7 +662,9 @@ def _quantize_in_place(
     device: torch.device, timer: PhaseTimer,
 ) -> QuantizationReport:
     """The body of :func:`quantize_` on ``net`` (in eval mode on ``device``)."""
-    targets = TargetStore(cfg.target_device or device, device)
+    # the default keeps the first MEMORY_BUDGET bytes of targets in CPU memory and the rest in files; on a GPU all stay
+    memory_bytes = MEMORY_BUDGET if cfg.target_device is None and device.type == "cpu" else None
+    targets = TargetStore(cfg.target_device or device, device, memory_bytes)
     try:
         return _quantize_with_targets(net, calib_volume, cfg, label, attention_map, log, device, timer, targets)
     finally:
@@ -747,6 +711,11 @@ def _quantize_with_targets(
         cfg.weight_bits if allocation is None else "(mixed)", cfg.act_bits if cfg.act_bits is not None else "-",
         cfg.preset, device,
     )
+    if targets.files and cfg.target_device is None:
+        log.info(
+            "%d of %d float targets wait in temporary files (the first %.3g MiB stay in memory; target_device='cpu' "
+            "keeps all in memory).", targets.files, len(targets), MEMORY_BUDGET / 2**20,
+        )
     q_out = _quantizing_forward(net, x, layers, run)
     set_quantization_info(net, info)
     with timer("finish"):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import EfficientQConfig
+from .layers import squared_error_sums
 from .quantizer import UniformGrid, dequantize, fit_scale, project_to_grid
 from .ranking import ColumnRanker, GramRanker
 from .timing import PhaseTimer
@@ -155,7 +156,7 @@ class _GramTerms:
         # summed in place: a K×K float64 Gram matrix of a wide layer is hundreds of MB, so no second copy
         self.A = a.to(self.dtype) if self.A is None else self.A.add_(a)
         self.B = b.to(self.dtype) if self.B is None else self.B.add_(b)
-        self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
+        self.yy += _weighted_square_sum(y, h)
 
     def _code_products(
         self, codes: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, row_scale: torch.Tensor
@@ -222,7 +223,7 @@ class _ColumnTerms:
         x, y = x.to(stored, copy=True), y.to(self.dtype, copy=True)
         h = h.to(self.dtype, copy=True) if h is not None else None
         self.columns.append((x, y, h))
-        self.yy += float(((y * y) if h is None else (y * y) * h).sum(dtype=torch.float64))
+        self.yy += _weighted_square_sum(y, h)
 
     def _readable(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """The columns, joined first if any chunk is still in its float32 form."""
@@ -922,6 +923,14 @@ class _VStepCache:
             self.inverse = None  # the previous ρ's inverse is freed before the next one is computed
             self.inverse, self.rho = self.statistics.v_step(self.diagonal(rho)), rho
         return self.inverse
+
+
+def _weighted_square_sum(y: torch.Tensor, h: torch.Tensor | None) -> float:
+    """``Σ h·Y²`` of a chunk ``y`` ``(groups, rows, P)`` with column weights ``h`` ``(P,)`` (``None``: all 1): squares
+    and weights in ``y``'s dtype, summed in float64 (:func:`~monai_efficientq.layers.squared_error_sums`)."""
+    if h is None:
+        return squared_error_sums(None, y)[0]
+    return squared_error_sums(None, y, h.expand(y.shape[0], y.shape[-1]))[1]
 
 
 def _weighted_inner(x: torch.Tensor, row_weights: torch.Tensor, rows_per_block: int = 1024) -> torch.Tensor:

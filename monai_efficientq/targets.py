@@ -5,20 +5,30 @@ taking its own target once. In memory all targets are alive together after that 
 on a full-size calibration volume is several times the network's activations. ``target_device="disk"`` writes
 each target to a file as it is recorded and reads it back when its layer is solved, so at most one target is in
 memory at a time; the files live in a private temporary folder (under ``TMPDIR``) that is removed when the pass
-ends, also on error.
+ends, also on error. The default on the CPU keeps the first :data:`MEMORY_BUDGET` bytes of targets in memory and
+writes the later ones to files (all in memory again, with a warning, if a file cannot be written).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 
 import torch
 
-__all__ = ["DISK", "TargetStore"]
+__all__ = ["DISK", "MEMORY_BUDGET", "TargetStore"]
 
 DISK = "disk"
+
+#: Bytes of targets that the default store keeps in memory on the CPU; the targets recorded after them wait in files.
+#: The layers are solved in the order their targets were recorded, so the ones in memory are also the first freed;
+#: the full-resolution decoder layers at the end of a U-shaped network, where a quantizing pass peaks, then find no
+#: other target in memory.
+MEMORY_BUDGET = 256 * 2**20
+
+logger = logging.getLogger(__name__)
 
 
 class TargetStore:
@@ -27,14 +37,21 @@ class TargetStore:
     Args:
         where: ``"disk"`` (files in a temporary folder) or a device for the tensors kept in memory.
         device: where :meth:`pop` returns a target read from disk.
+        memory_bytes: with a device as ``where``, keep at most this many bytes of targets there and write the later
+            ones to files (``None``: no limit). If a file cannot be written (a full or read-only ``TMPDIR``), that
+            target and the later ones stay in memory, with a warning.
     """
 
-    def __init__(self, where: str | torch.device, device: torch.device) -> None:
+    def __init__(self, where: str | torch.device, device: torch.device, memory_bytes: int | None = None) -> None:
         self.on_disk = where == DISK
         self.device = device if self.on_disk else torch.device(where)
+        self.memory_bytes = 0 if self.on_disk else memory_bytes
         self._tensors: dict[str, torch.Tensor] = {}
         self._files: dict[str, str] = {}
-        self._folder = tempfile.mkdtemp(prefix="efficientq-targets-") if self.on_disk else None
+        self._folder: str | None = None
+        self._in_memory_bytes = 0
+        if self.on_disk:
+            self._folder = tempfile.mkdtemp(prefix="efficientq-targets-")
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors or name in self._files
@@ -42,26 +59,53 @@ class TargetStore:
     def __len__(self) -> int:
         return len(self._tensors) + len(self._files)
 
+    @property
+    def files(self) -> int:
+        """How many targets wait in files."""
+        return len(self._files)
+
     def put(self, name: str, output: torch.Tensor) -> None:
         """Keep a copy of ``output`` (a copy, not a view: in-place operations later in the forward must not change
         it)."""
-        if not self.on_disk:
-            self._tensors[name] = output.detach().to(self.device, copy=True)
-            return
-        path = os.path.join(self._folder, f"{len(self._files)}.pt")
-        torch.save(output.detach().to("cpu").contiguous(), path)
+        size = output.numel() * output.element_size()
+        if self.memory_bytes is not None and self._in_memory_bytes + size > self.memory_bytes:
+            if self._write(name, output):
+                return
+        self._tensors[name] = output.detach().to(self.device, copy=True)
+        self._in_memory_bytes += size
+
+    def _write(self, name: str, output: torch.Tensor) -> bool:
+        """Write ``output`` to a new file of the store's folder; ``False`` (and no more files) if that fails, unless
+        every target must go to disk (``target_device="disk"``: the error is raised)."""
+        try:
+            if self._folder is None:
+                self._folder = tempfile.mkdtemp(prefix="efficientq-targets-")
+            path = os.path.join(self._folder, f"{len(self._files)}.pt")
+            torch.save(output.detach().to("cpu").contiguous(), path)
+        except OSError as err:
+            if self.on_disk:
+                raise
+            logger.warning(
+                "Could not write a float target to the temporary folder (%s); the remaining targets stay in memory. "
+                "Set TMPDIR to a folder with free space to keep them in files.", err,
+            )
+            self.memory_bytes = None
+            return False
         self._files[name] = path
+        return True
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The target of ``name``, kept in the store (read again from its file on disk)."""
-        if not self.on_disk:
+        if name in self._tensors:
             return self._tensors[name]
         return torch.load(self._files[name], map_location=self.device, weights_only=True)
 
     def pop(self, name: str) -> torch.Tensor:
         """The target of ``name``, removed from the store (its file deleted)."""
-        if not self.on_disk:
-            return self._tensors.pop(name)
+        if name in self._tensors:
+            tensor = self._tensors.pop(name)
+            self._in_memory_bytes -= tensor.numel() * tensor.element_size()
+            return tensor
         path = self._files.pop(name)
         tensor = torch.load(path, map_location=self.device, weights_only=True)
         os.remove(path)

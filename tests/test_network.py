@@ -282,18 +282,19 @@ def test_output_aware_activation_range_is_the_best_of_the_factors():
 
 @pytest.mark.parametrize("shape, weighted", [((2, 3, 5, 6, 7), True), ((2, 3, 5, 6, 7), False), ((4, 5), False)])
 def test_squared_error_sums_by_blocks_are_the_float64_sums(shape, weighted, monkeypatch):
+    from monai_efficientq import layers as layers_module
     from monai_efficientq import network as network_module
 
-    monkeypatch.setattr(network_module, "_ERROR_BLOCK", 17)  # many blocks per volume, the last one partial
+    monkeypatch.setattr(layers_module, "_ERROR_BLOCK", 17)  # many blocks per volume, the last one partial
     torch.manual_seed(3)
     out, y = torch.randn(shape), torch.randn(shape)
     h_map = torch.rand(shape[:1] + shape[2:]) if weighted else None
     e2 = (out - y).double().pow(2)
     expected_weighted = float((e2 * h_map.double().unsqueeze(1)).sum()) if weighted else float(e2.sum())
-    total, total_weighted = network_module._squared_error_sums(out, y, h_map)
+    total, total_weighted = layers_module.squared_error_sums(out, y, h_map)
     assert total == pytest.approx(float(e2.sum()), rel=1e-6)  # float32 squares, float64 sums: the order differs
     assert total_weighted == pytest.approx(expected_weighted, rel=1e-6)
-    assert network_module._squared_error_sums(None, y, h_map)[0] == pytest.approx(float(y.double().pow(2).sum()), rel=1e-6)
+    assert layers_module.squared_error_sums(None, y, h_map)[0] == pytest.approx(float(y.double().pow(2).sum()), rel=1e-6)
     unweighted, relative = network_module._output_errors(out, y, h_map)
     assert unweighted == pytest.approx(float(e2.sum() / y.double().pow(2).sum()), rel=1e-6)
     if not weighted:

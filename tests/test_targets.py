@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import tempfile
 
 import pytest
@@ -90,3 +91,66 @@ def test_disk_targets_removed_when_the_run_fails():
     with pytest.raises(LayerCalledTwiceError):
         quantize_network(_SharedConv(), torch.randn(1, 8, 8, 8), EfficientQConfig(target_device="disk"))
     assert set(_leftover_folders()) == before
+
+
+def test_store_keeps_its_memory_budget_in_memory_and_the_rest_in_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None
+    try:
+        outputs = {name: torch.randn(4, 8) for name in "abcd"}  # 128 bytes each
+        store = TargetStore(torch.device("cpu"), torch.device("cpu"), memory_bytes=300)
+        for name, out in outputs.items():
+            store.put(name, out)
+        assert store.files == 2 and len(store) == 4  # a and b fill 256 of the 300 bytes
+        assert len(glob.glob(str(tmp_path / "efficientq-targets-*" / "*.pt"))) == 2
+        for name, out in outputs.items():
+            assert torch.equal(store.pop(name), out)
+        assert store.files == 0 and len(store) == 0
+        store.close()
+        assert glob.glob(str(tmp_path / "efficientq-targets-*")) == []
+        in_memory = TargetStore(torch.device("cpu"), torch.device("cpu"))  # no budget: no folder at all
+        in_memory.put("a", outputs["a"])
+        assert in_memory.files == 0 and glob.glob(str(tmp_path / "efficientq-targets-*")) == []
+    finally:
+        tempfile.tempdir = None
+
+
+def test_store_keeps_targets_in_memory_when_no_file_can_be_written(monkeypatch, caplog):
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    store = TargetStore(torch.device("cpu"), torch.device("cpu"), memory_bytes=0)
+    with caplog.at_level("WARNING", logger="monai_efficientq"):
+        store.put("a", torch.ones(3))
+        store.put("b", torch.zeros(3))
+    assert store.files == 0 and torch.equal(store.pop("a"), torch.ones(3)) and torch.equal(store.pop("b"), torch.zeros(3))
+    assert "No space left on device" in caplog.text and "TMPDIR" in caplog.text and caplog.text.count("Could not") == 1
+    store.close()
+    with pytest.raises(OSError, match="No space"):  # target_device="disk" asked for files: the error stands
+        TargetStore("disk", torch.device("cpu")).put("a", torch.ones(3))
+
+
+def test_default_targets_beyond_the_memory_budget_give_the_same_quantized_network(monkeypatch, caplog):
+    from monai_efficientq import targets as targets_module
+    from monai_efficientq import network as network_module
+
+    torch.manual_seed(0)
+    net = tiny_unet_bn().eval()
+    calib = torch.randn(1, 16, 16, 16)
+    settings = {"weight_bits": 2, "act_bits": 4, "iterations": 6, "progress": False, "calib_augment": 1}
+    q_mem, rep_mem = quantize_network(net, calib, EfficientQConfig(**settings, target_device="cpu"))
+    monkeypatch.setattr(network_module, "MEMORY_BUDGET", 200_000)  # the first few targets, not all
+    writes = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, path: (writes.append(path), real_save(obj, path)))
+    before = set(_leftover_folders())
+    with caplog.at_level("INFO", logger="monai_efficientq"):
+        q_split, rep_split = quantize_network(net, calib, EfficientQConfig(**settings))
+    assert 0 < len(writes) < len(rep_split.layers)
+    waiting = re.search(r"(\d+) of \d+ float targets wait in temporary files", caplog.text)
+    assert waiting is not None and 0 < int(waiting.group(1)) <= len(writes)
+    assert set(_leftover_folders()) == before
+    assert [r.error for r in rep_mem.layers] == [r.error for r in rep_split.layers]
+    x = torch.randn(1, 1, 16, 16, 16)
+    assert torch.equal(q_mem(x), q_split(x))
