@@ -240,7 +240,7 @@ class EfficientQConfig:
             ``"float32"``); each im2col chunk's products are computed in the activations' dtype.
         device: where layers are solved (``None``: the network's device).
         target_device: where the float targets (every layer's float output, recorded in one forward) wait for
-            their layer: ``None`` the solve device, on the CPU only the first 256 MiB of them and the later ones in
+            their layer: ``None`` the solve device, on the CPU only the first 64 MiB of them and the later ones in
             temporary files; a device (``"cpu"``, ``"cuda"``) all of them there; ``"disk"`` all in files. Files live
             in a temporary folder (under ``TMPDIR``, removed at the end), and a target in a file is in memory only
             while its layer is solved (:mod:`~monai_efficientq.targets`).

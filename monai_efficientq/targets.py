@@ -23,10 +23,11 @@ __all__ = ["DISK", "MEMORY_BUDGET", "TargetStore"]
 DISK = "disk"
 
 #: Bytes of targets that the default store keeps in memory on the CPU; the targets recorded after them wait in files.
-#: The layers are solved in the order their targets were recorded, so the ones in memory are also the first freed;
-#: the full-resolution decoder layers at the end of a U-shaped network, where a quantizing pass peaks, then find no
-#: other target in memory.
-MEMORY_BUDGET = 256 * 2**20
+#: Small runs (tests, 32³ crops) write no file; at 96³ a single full-resolution target of three volumes is larger, so
+#: nearly all go to files, which cost no measurable time (the page cache holds them; BENCHMARKS.md §8) and take the
+#: bundle SegResNet's peak from 2.6x to 1.8x a float forward. The layers are solved in the order their targets were
+#: recorded, so the ones kept in memory are also the first freed.
+MEMORY_BUDGET = 64 * 2**20
 
 logger = logging.getLogger(__name__)
 
