@@ -42,18 +42,30 @@ def _leftover_folders() -> list[str]:
     return glob.glob(os.path.join(tempfile.gettempdir(), "efficientq-targets-*"))
 
 
-def test_disk_targets_give_the_same_quantized_network():
+_SETTINGS = {"weight_bits": 2, "act_bits": 4, "iterations": 6, "progress": False, "calib_augment": 1}
+
+
+def _tiny_case() -> tuple[torch.nn.Module, torch.Tensor]:
+    """The seeded UNet with BatchNorm and calibration volume of the same-network tests."""
     torch.manual_seed(0)
-    net = tiny_unet_bn().eval()
-    calib = torch.randn(1, 16, 16, 16)
-    before = set(_leftover_folders())
-    settings = {"weight_bits": 2, "act_bits": 4, "iterations": 6, "progress": False, "calib_augment": 1}
-    q_mem, rep_mem = quantize_network(net, calib, EfficientQConfig(**settings))
-    q_disk, rep_disk = quantize_network(net, calib, EfficientQConfig(**settings, target_device="disk"))
-    assert set(_leftover_folders()) == before
-    assert [r.error for r in rep_mem.layers] == [r.error for r in rep_disk.layers]
+    return tiny_unet_bn().eval(), torch.randn(1, 16, 16, 16)
+
+
+def _assert_same_network(first: tuple, second: tuple) -> None:
+    """Two ``quantize_network`` results give the same layer errors and the same outputs."""
+    (q_a, rep_a), (q_b, rep_b) = first, second
+    assert [r.error for r in rep_a.layers] == [r.error for r in rep_b.layers]
     x = torch.randn(1, 1, 16, 16, 16)
-    assert torch.equal(q_mem(x), q_disk(x))
+    assert torch.equal(q_a(x), q_b(x))
+
+
+def test_disk_targets_give_the_same_quantized_network():
+    net, calib = _tiny_case()
+    before = set(_leftover_folders())
+    in_memory = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
+    on_disk = quantize_network(net, calib, EfficientQConfig(**_SETTINGS, target_device="disk"))
+    assert set(_leftover_folders()) == before
+    _assert_same_network(in_memory, on_disk)
 
 
 def test_runtime_only_settings_do_not_change_the_packed_bytes(tmp_path):
@@ -132,25 +144,19 @@ def test_store_keeps_targets_in_memory_when_no_file_can_be_written(monkeypatch, 
 
 
 def test_default_targets_beyond_the_memory_budget_give_the_same_quantized_network(monkeypatch, caplog):
-    from monai_efficientq import targets as targets_module
     from monai_efficientq import network as network_module
 
-    torch.manual_seed(0)
-    net = tiny_unet_bn().eval()
-    calib = torch.randn(1, 16, 16, 16)
-    settings = {"weight_bits": 2, "act_bits": 4, "iterations": 6, "progress": False, "calib_augment": 1}
-    q_mem, rep_mem = quantize_network(net, calib, EfficientQConfig(**settings, target_device="cpu"))
+    net, calib = _tiny_case()
+    in_memory = quantize_network(net, calib, EfficientQConfig(**_SETTINGS, target_device="cpu"))
     monkeypatch.setattr(network_module, "MEMORY_BUDGET", 200_000)  # the first few targets, not all
     writes = []
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, path: (writes.append(path), real_save(obj, path)))
     before = set(_leftover_folders())
     with caplog.at_level("INFO", logger="monai_efficientq"):
-        q_split, rep_split = quantize_network(net, calib, EfficientQConfig(**settings))
-    assert 0 < len(writes) < len(rep_split.layers)
+        split = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
+    assert 0 < len(writes) < len(split[1].layers)
     waiting = re.search(r"(\d+) of \d+ float targets wait in temporary files", caplog.text)
     assert waiting is not None and 0 < int(waiting.group(1)) <= len(writes)
     assert set(_leftover_folders()) == before
-    assert [r.error for r in rep_mem.layers] == [r.error for r in rep_split.layers]
-    x = torch.randn(1, 1, 16, 16, 16)
-    assert torch.equal(q_mem(x), q_split(x))
+    _assert_same_network(in_memory, split)
