@@ -43,12 +43,18 @@ from .modules import QuantizedMixin, QuantizedNetInfo, build_quantized, quantiza
 from .quantizer import ActQuantizer, UniformGrid
 from .report import LayerRecord, QuantizationReport
 from .solver import CODE_GRAM_MAX_COLUMNS, LayerSolution, LayerSolver, SolverSettings
+from .offload import ActivationOffload
 from .targets import MEMORY_BUDGET, TargetStore
 from .timing import PhaseTimer, peak_memory
+from .volume_pass import VolumeByVolume
 
 __all__ = ["quantize_network", "prepare_calibration", "quantizable_layers", "LayerCalledTwiceError"]
 
 _logger = logging.getLogger("monai_efficientq")
+
+#: Bytes of activations that a calibration volume waiting at a layer of the volume-by-volume pass keeps in memory; when
+#: it holds more, they wait in a temporary file (:mod:`~monai_efficientq.offload`). Small runs write no file.
+ACTIVATION_BUDGET = 64 * 2**20
 
 _FLOAT_BY_DESIGN = (
     nn.modules.batchnorm._BatchNorm,
@@ -133,6 +139,7 @@ class _TargetRecorder:
         self.layers = layers
         self.targets = targets
         self.order: list[str] = []
+        self.leading: dict[str, int] = {}  # each output's leading dimension
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
 
     def _hook(self, name: str) -> Callable:
@@ -144,6 +151,7 @@ class _TargetRecorder:
                 )
             self.targets.put(name, output)
             self.order.append(name)
+            self.leading[name] = output.shape[0]
 
         return hook
 
@@ -162,6 +170,8 @@ class _PendingLayer(nn.Module):
         self.run = run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.run.volume_pass is not None:  # one volume's forward: wait for the others at this layer
+            return self.run.volume_pass.meet(self.name, self.layer, x)
         return self.run.quantize_layer(self.name, self.layer, x)
 
 
@@ -203,6 +213,7 @@ class _QuantizingRun:
         self.quantized: dict[str, nn.Module] = {}
         self.records: list[LayerRecord] = []
         self.settings = SolverSettings.from_config(cfg)
+        self.volume_pass: VolumeByVolume | None = None  # set while the pass runs volume by volume
 
     def _bits(self, name: str) -> tuple[int, int | None]:
         cfg = self.cfg
@@ -214,6 +225,15 @@ class _QuantizingRun:
     def quantize_layer(self, name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``layer`` for its input ``x`` (which arrives through the quantized layers before it), put the
         quantized layer in :attr:`quantized`, record it and return its quantized output."""
+        return self._quantize(name, layer, x, lambda qlayer: _forward_by_volume(qlayer, x, self.volumes))
+
+    @torch.no_grad()
+    def quantize_layer_by_volume(self, name: str, layer: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`quantize_layer` for the inputs of all volumes joined in ``x``, returning each volume's output."""
+        rows = x.shape[0] // self.volumes
+        return self._quantize(name, layer, x, lambda qlayer: [qlayer(part) for part in x.split(rows)])
+
+    def _quantize(self, name: str, layer: nn.Module, x: torch.Tensor, forward: Callable) -> Any:
         if name in self.quantized:
             raise LayerCalledTwiceError(f"layer '{name}' was called twice in the quantizing pass (shared weights).")
         t0, before = time.perf_counter(), self.timer.snapshot()
@@ -233,10 +253,12 @@ class _QuantizingRun:
                 self.cfg.weight_scale == "channel", act_quant,
             )
             self.quantized[name] = qlayer
-            out = _forward_by_volume(qlayer, x, self.volumes)
+            out = forward(qlayer)
         if math.isnan(sol.error):  # measured on the quantized layer's own output: no second forward
             with self.timer("errors"):
-                sol = self._with_output_errors(sol, out, y, h_map)
+                joined = torch.cat(out) if isinstance(out, list) else out
+                sol = self._with_output_errors(sol, joined, y, h_map)
+                del joined
         del y
         self._record(name, layer, sol, weight_bits, act_quant, act_bits, time.perf_counter() - t0, before)
         return out
@@ -716,7 +738,7 @@ def _quantize_with_targets(
             "%d of %d float targets wait in temporary files (the first %.3g MiB stay in memory; target_device='cpu' "
             "keeps all in memory).", targets.files, len(targets), MEMORY_BUDGET / 2**20,
         )
-    q_out = _quantizing_forward(net, x, layers, run)
+    q_out = _quantizing_forward(net, x, layers, run, recorder.leading)
     set_quantization_info(net, info)
     with timer("finish"):
         if allocation is None:
@@ -774,18 +796,61 @@ def _edges(
     return set(first) | set(last)
 
 
-def _quantizing_forward(net: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module], run: _QuantizingRun) -> Any:
+def _quantizing_forward(
+    net: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module], run: _QuantizingRun, leading: dict[str, int]
+) -> Any:
     """The forward pass in which every layer of ``run.order`` is quantized when reached; afterwards each holds its
-    quantized layer (the float one if the pass failed before it). Returns the quantized network's output."""
+    quantized layer (the float one if the pass failed before it). Returns the quantized network's output.
+
+    On the CPU, a batch of several calibration volumes runs volume by volume (:mod:`~monai_efficientq.volume_pass`),
+    the activations of the waiting volumes in temporary files beyond :data:`ACTIVATION_BUDGET` bytes (unless
+    ``target_device="cpu"``, which keeps everything in memory); a layer still sees all volumes' inputs joined, as in
+    one batched forward. Networks whose layer outputs are not volume by volume along their first dimension
+    (``leading``: each layer's, from the recording forward) run batched."""
     for name in run.order:
         set_submodule(net, name, _PendingLayer(name, layers[name], run))
+    offload = None
     try:
-        return net(x)
+        if not _runs_by_volume(run, leading):
+            return net(x)
+        if run.cfg.target_device != "cpu":
+            offload = ActivationOffload(net, ACTIVATION_BUDGET)
+        run.volume_pass = VolumeByVolume(net, run.quantize_layer_by_volume, offload)
+        out = _joined_outputs(run.volume_pass.run(x, run.volumes))
+        if offload is not None and offload.bytes_written:
+            run.log.info(
+                "The quantizing pass ran the %d calibration volumes one at a time; %.1f MiB of activations of the "
+                "waiting volumes went through temporary files (target_device='cpu' keeps them in memory).",
+                run.volumes, offload.bytes_written / 2**20,
+            )
+        return out
     finally:
+        run.volume_pass = None
+        if offload is not None:
+            offload.close()
         if run.progress is not None:
             run.progress.close()
         for name in run.order:
             set_submodule(net, name, run.quantized.get(name, layers[name]))
+
+
+def _runs_by_volume(run: _QuantizingRun, leading: dict[str, int]) -> bool:
+    """Whether the quantizing pass runs volume by volume: on the CPU, with several volumes, every layer's output
+    ``leading`` dimension a multiple of them."""
+    return run.device.type == "cpu" and run.volumes > 1 and all(n % run.volumes == 0 for n in leading.values())
+
+
+def _joined_outputs(outputs: list[Any]) -> Any:
+    """The network outputs of the volumes, one by one, joined along the first dimension like a batched forward's
+    (tensors, and tuples, lists and dicts of them)."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_joined_outputs(list(items)) for items in zip(*outputs))
+    if isinstance(first, dict):
+        return {k: _joined_outputs([o[k] for o in outputs]) for k in first}
+    return first
 
 
 def _with_other(phases: dict[str, float], total: float) -> dict[str, float]:

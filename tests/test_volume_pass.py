@@ -1,0 +1,89 @@
+"""The quantizing pass volume by volume: the same quantized network as one batched pass, with the waiting volumes'
+activations in files; errors unwind every volume's thread."""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from monai_efficientq import EfficientQConfig, quantize_network
+from monai_efficientq import network as network_module
+from monai_efficientq import offload as offload_module
+from monai_efficientq.volume_pass import VolumesDivergedError
+from tests.nets import tiny_segresnet, tiny_unet_bn
+
+_SETTINGS = {"weight_bits": 2, "act_bits": 4, "iterations": 6, "progress": False, "calib_augment": 1}
+
+
+def _leftover_folders() -> list[str]:
+    return glob.glob(os.path.join(tempfile.gettempdir(), "efficientq-activations-*"))
+
+
+@pytest.mark.parametrize("make", [tiny_unet_bn, tiny_segresnet])
+def test_volume_by_volume_gives_the_same_network_as_one_batch(make, monkeypatch, caplog):
+    torch.manual_seed(0)
+    net, calib = make().eval(), torch.randn(1, 16, 16, 16)
+    with monkeypatch.context() as batched:
+        batched.setattr(network_module, "_runs_by_volume", lambda run, leading: False)
+        q_batch, rep_batch = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
+    monkeypatch.setattr(network_module, "ACTIVATION_BUDGET", 0)  # every waiting volume's activations to a file
+    monkeypatch.setattr(offload_module, "MIN_BYTES", 0)
+    threads, folders = threading.active_count(), set(_leftover_folders())
+    with caplog.at_level("INFO", logger="monai_efficientq"):
+        q_volume, rep_volume = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
+    assert "went through temporary files" in caplog.text
+    assert threading.active_count() == threads and set(_leftover_folders()) == folders
+    assert [r.error for r in rep_volume.layers] == [r.error for r in rep_batch.layers]
+    assert rep_volume.calib_agreement_dice == rep_batch.calib_agreement_dice
+    for a, b in zip(q_volume.state_dict().values(), q_batch.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_an_error_in_the_pass_unwinds_every_volume(monkeypatch):
+    torch.manual_seed(0)
+    net, calib = tiny_unet_bn().eval(), torch.randn(1, 16, 16, 16)
+    monkeypatch.setattr(network_module, "ACTIVATION_BUDGET", 0)
+    monkeypatch.setattr(offload_module, "MIN_BYTES", 0)
+    solved = []
+    real_solve = network_module._QuantizingRun._solve_weights
+
+    def failing_solve(self, *args, **kwargs):
+        if len(solved) == 3:
+            raise RuntimeError("solver failed on purpose")
+        solved.append(1)
+        return real_solve(self, *args, **kwargs)
+
+    monkeypatch.setattr(network_module._QuantizingRun, "_solve_weights", failing_solve)
+    threads, folders = threading.active_count(), set(_leftover_folders())
+    with pytest.raises(RuntimeError, match="on purpose"):
+        quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
+    assert threading.active_count() == threads and set(_leftover_folders()) == folders
+
+
+class _ByMean(nn.Module):
+    """Takes one of two convolutions by the sign of its input's mean: volumes of opposite means part ways."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv3d(1, 4, 3, padding=1)
+        self.up = nn.Conv3d(4, 2, 1)
+        self.down = nn.Conv3d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.head(x)) if float(x.mean()) > 0 else self.down(self.head(x))
+
+
+def test_volumes_that_take_different_paths_are_refused_with_the_reason():
+    torch.manual_seed(0)
+    calib = torch.stack([torch.rand(1, 8, 8, 8) + 1, -torch.rand(1, 8, 8, 8) - 0.5])  # means of opposite signs
+    threads = threading.active_count()
+    with pytest.raises(VolumesDivergedError, match="different paths"):
+        quantize_network(_ByMean(), calib, EfficientQConfig(weight_bits=4, iterations=2, progress=False,
+                                                            calib_augment=0, holdout=False))
+    assert threading.active_count() == threads
