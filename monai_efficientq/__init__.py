@@ -16,6 +16,7 @@ from .config import EfficientQConfig
 from .modules import QuantizedNetInfo, quantization_info
 from .network import LayerCalledTwiceError, quantize_, quantize_network
 from .report import QuantizationReport
+from .volume_pass import VolumesDivergedError
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,6 @@ __all__ = [
     "save_dequantized",
     "QuantizationReport",
     "LayerCalledTwiceError",
+    "VolumesDivergedError",
     "__version__",
 ]

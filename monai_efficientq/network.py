@@ -46,7 +46,7 @@ from .solver import CODE_GRAM_MAX_COLUMNS, LayerSolution, LayerSolver, SolverSet
 from .offload import ActivationOffload
 from .targets import MEMORY_BUDGET, TargetStore
 from .timing import PhaseTimer, peak_memory
-from .volume_pass import VolumeByVolume
+from .volume_pass import VolumeByVolume, VolumesDivergedError
 
 __all__ = ["quantize_network", "prepare_calibration", "quantizable_layers", "LayerCalledTwiceError"]
 
@@ -133,25 +133,51 @@ def _state_bytes(net: nn.Module) -> int:
 
 class _TargetRecorder:
     """Forward hooks that store each layer's output (:class:`~monai_efficientq.targets.TargetStore`) and the call
-    order."""
+    order. Each forward of ``net`` is one calibration volume (or one batch of them): the volumes after the first
+    add their part of each target and must call the layers in the same order."""
 
-    def __init__(self, layers: dict[str, nn.Module], targets: TargetStore) -> None:
+    def __init__(self, layers: dict[str, nn.Module], targets: TargetStore, net: nn.Module) -> None:
         self.layers = layers
         self.targets = targets
         self.order: list[str] = []
-        self.leading: dict[str, int] = {}  # each output's leading dimension
+        self.volume = -1  # the forward running: 0 for the first
+        self._calls = 0  # layers called in it
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
+        self.handles.append(net.register_forward_pre_hook(self._start))
+        self.handles.append(net.register_forward_hook(self._end))
+
+    def _start(self, module: nn.Module, args: Any) -> None:
+        self.volume += 1
+        self._calls = 0
+
+    def _end(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.volume > 0 and self._calls != len(self.order):
+            raise VolumesDivergedError(
+                f"calibration volume {self.volume} took a different path through the network than the first "
+                f"({self._calls} quantizable layers called against {len(self.order)}): data-dependent control flow. "
+                f"Quantize on one volume (calib_augment=0, holdout=False), or on a GPU, where the volumes run as one "
+                f"batch."
+            )
 
     def _hook(self, name: str) -> Callable:
         def hook(module, inputs, output):
-            if name in self.targets:
-                raise LayerCalledTwiceError(
-                    f"layer '{name}' was called twice in one forward pass (shared weights): EfficientQ solves each "
-                    f"layer once for one input. Give each call its own layer, or list '{name}' in skip_layers."
+            if self.volume <= 0:
+                if name in self.targets:
+                    raise LayerCalledTwiceError(
+                        f"layer '{name}' was called twice in one forward pass (shared weights): EfficientQ solves "
+                        f"each layer once for one input. Give each call its own layer, or list '{name}' in "
+                        f"skip_layers."
+                    )
+                self.order.append(name)
+            elif self._calls >= len(self.order) or self.order[self._calls] != name:
+                first = self.order[self._calls] if self._calls < len(self.order) else "no layer"
+                raise VolumesDivergedError(
+                    f"calibration volume {self.volume} took a different path through the network than the first "
+                    f"(layer '{name}' where the first called '{first}'): data-dependent control flow. Quantize on one "
+                    f"volume (calib_augment=0, holdout=False), or on a GPU, where the volumes run as one batch."
                 )
+            self._calls += 1
             self.targets.put(name, output)
-            self.order.append(name)
-            self.leading[name] = output.shape[0]
 
         return hook
 
@@ -704,9 +730,11 @@ def _quantize_with_targets(
         )
         float_bytes = _state_bytes(net)
         # without BatchNorm, folding changes nothing: its float forward records the targets too (one forward less)
-        early = None if has_batchnorm(net) else _TargetRecorder(quantizable_layers(net, cfg.skip_layers), targets)
+        volumes = x.shape[0] if _runs_by_volume(device, x) else 1  # forwards one volume at a time, or one batch
+        layers = quantizable_layers(net, cfg.skip_layers)
+        early = None if has_batchnorm(net) else _TargetRecorder(layers, targets, net)
         try:
-            pairs, float_out, unfolded = _fold(net, x, log, cfg.skip_layers)
+            pairs, float_out, unfolded = _fold(net, x, log, cfg.skip_layers, volumes)
         finally:
             if early is not None:
                 early.remove()
@@ -714,7 +742,7 @@ def _quantize_with_targets(
         if early is not None:
             layers, recorder = early.layers, _recorded(net, early)
         else:
-            pairs, layers, recorder = _record_targets(net, pairs, float_out, x, cfg, targets, log, unfolded)
+            pairs, layers, recorder = _record_targets(net, pairs, float_out, x, cfg, targets, log, unfolded, volumes)
     with timer("attention"):
         body = (x != 0).any(dim=1) if x.dim() >= 3 else None
         attention = _attention(cfg, float_out, x, body, label, attention_map)
@@ -738,7 +766,7 @@ def _quantize_with_targets(
             "%d of %d float targets wait in temporary files (the first %.3g MiB stay in memory; target_device='cpu' "
             "keeps all in memory).", targets.files, len(targets), MEMORY_BUDGET / 2**20,
         )
-    q_out = _quantizing_forward(net, x, layers, run, recorder.leading)
+    q_out = _quantizing_forward(net, x, layers, run, volumes > 1)
     set_quantization_info(net, info)
     with timer("finish"):
         if allocation is None:
@@ -797,21 +825,20 @@ def _edges(
 
 
 def _quantizing_forward(
-    net: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module], run: _QuantizingRun, leading: dict[str, int]
+    net: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module], run: _QuantizingRun, by_volume: bool
 ) -> Any:
     """The forward pass in which every layer of ``run.order`` is quantized when reached; afterwards each holds its
     quantized layer (the float one if the pass failed before it). Returns the quantized network's output.
 
-    On the CPU, a batch of several calibration volumes runs volume by volume (:mod:`~monai_efficientq.volume_pass`),
-    the activations of the waiting volumes in temporary files beyond :data:`ACTIVATION_BUDGET` bytes (unless
-    ``target_device="cpu"``, which keeps everything in memory); a layer still sees all volumes' inputs joined, as in
-    one batched forward. Networks whose layer outputs are not volume by volume along their first dimension
-    (``leading``: each layer's, from the recording forward) run batched."""
+    ``by_volume``: the calibration volumes run one at a time (:mod:`~monai_efficientq.volume_pass`), the activations
+    of the waiting volumes in temporary files beyond :data:`ACTIVATION_BUDGET` bytes (unless ``target_device="cpu"``,
+    which keeps everything in memory); a layer still sees all volumes' inputs, joined along the first dimension as
+    its targets were (:class:`_TargetRecorder`)."""
     for name in run.order:
         set_submodule(net, name, _PendingLayer(name, layers[name], run))
     offload = None
     try:
-        if not _runs_by_volume(run, leading):
+        if not by_volume:
             return net(x)
         if run.cfg.target_device != "cpu":
             offload = ActivationOffload(net, ACTIVATION_BUDGET)
@@ -834,16 +861,27 @@ def _quantizing_forward(
             set_submodule(net, name, run.quantized.get(name, layers[name]))
 
 
-def _runs_by_volume(run: _QuantizingRun, leading: dict[str, int]) -> bool:
-    """Whether the quantizing pass runs volume by volume: on the CPU, with several volumes, every layer's output
-    ``leading`` dimension a multiple of them."""
-    return run.device.type == "cpu" and run.volumes > 1 and all(n % run.volumes == 0 for n in leading.values())
+def _runs_by_volume(device: torch.device, x: torch.Tensor) -> bool:
+    """Whether the float forwards and the quantizing pass run the calibration batch ``x`` one volume at a time: on
+    the CPU, where memory is what runs out first (a batched forward keeps every activation of all the volumes at
+    once), with more than one volume. On a GPU the batch runs as one."""
+    return device.type == "cpu" and x.shape[0] > 1
+
+
+def _float_forward(net: nn.Module, x: torch.Tensor, volumes: int) -> Any:
+    """``net(x)``, one of ``volumes`` equal parts of ``x`` at a time, the outputs joined as one batch's."""
+    if volumes == 1:
+        return net(x)
+    rows = x.shape[0] // volumes
+    return _joined_outputs([net(x[v * rows : (v + 1) * rows]) for v in range(volumes)])
 
 
 def _joined_outputs(outputs: list[Any]) -> Any:
     """The network outputs of the volumes, one by one, joined along the first dimension like a batched forward's
     (tensors, and tuples, lists and dicts of them)."""
     first = outputs[0]
+    if len(outputs) == 1:
+        return first
     if isinstance(first, torch.Tensor):
         return torch.cat(outputs)
     if isinstance(first, (tuple, list)):
@@ -891,14 +929,14 @@ def _calibration_batch(
 
 def _record_targets(
     net: nn.Module, pairs: list, float_out: torch.Tensor, x: torch.Tensor, cfg: EfficientQConfig,
-    targets: TargetStore, log: logging.Logger, unfolded: dict[str, nn.Module],
+    targets: TargetStore, log: logging.Logger, unfolded: dict[str, nn.Module], volumes: int = 1,
 ) -> tuple[list, dict[str, nn.Module], _TargetRecorder]:
-    """Record every layer's float output on ``x``; if folding BatchNorm changed the float output, put the
-    ``unfolded`` modules back and record again. Returns ``(pairs, layers, recorder)``."""
+    """Record every layer's float output on ``x`` (``volumes`` forwards); if folding BatchNorm changed the float
+    output, put the ``unfolded`` modules back and record again. Returns ``(pairs, layers, recorder)``."""
     layers = quantizable_layers(net, cfg.skip_layers)
-    recorder = _TargetRecorder(layers, targets)
+    recorder = _TargetRecorder(layers, targets, net)
     try:
-        out = _first_tensor(net(x))
+        out = _first_tensor(_float_forward(net, x, volumes))
     finally:
         recorder.remove()
     tolerance = 1e-4 * float(float_out.abs().max())
@@ -908,7 +946,7 @@ def _record_targets(
             set_submodule(net, name, module)
         for name in recorder.order:  # recorded on the folded network: record again
             targets.pop(name)
-        return _record_targets(net, [], float_out, x, cfg, targets, log, {})
+        return _record_targets(net, [], float_out, x, cfg, targets, log, {}, volumes)
     return pairs, layers, _recorded(net, recorder)
 
 
@@ -920,14 +958,18 @@ def _recorded(net: nn.Module, recorder: _TargetRecorder) -> _TargetRecorder:
 
 
 def _fold(
-    net: nn.Module, x: torch.Tensor, log: logging.Logger, skip: list[str] | None = None
+    net: nn.Module, x: torch.Tensor, log: logging.Logger, skip: list[str] | None = None, volumes: int = 1
 ) -> tuple[list, torch.Tensor, dict[str, nn.Module]]:
     """Fold Conv→BatchNorm pairs of ``net`` in place, but those whose conv is in ``skip`` (it stays float as it
     is: a folded float conv would get a bias that the float network definition does not have); returns the pairs,
-    the float output on ``x`` and copies of the modules as they were before folding, by name."""
+    the float output on ``x`` (``volumes`` forwards: the pairs are found on the first) and copies of the modules as
+    they were before folding, by name."""
+    rows = x.shape[0] // volumes
     try:
-        pairs, output = find_conv_bn_pairs(net, x)
-    except LayerCalledTwiceError:  # raised by a target recorder running in the same forward
+        pairs, first = find_conv_bn_pairs(net, x[:rows])
+        output = _joined_outputs([first] + [net(x[v * rows : (v + 1) * rows]) for v in range(1, volumes)])
+        del first
+    except (LayerCalledTwiceError, VolumesDivergedError):  # raised by a target recorder running in the same forward
         raise
     except Exception as err:
         raise RuntimeError(

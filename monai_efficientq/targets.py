@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 class TargetStore:
     """Float layer outputs by layer name, each taken once with :meth:`pop`.
 
+    A target may be put in parts (one per calibration volume, when the forward runs volume by volume): they are kept
+    and written separately and joined along the first dimension when the target is read.
+
     Args:
         where: ``"disk"`` (files in a temporary folder) or a device for the tensors kept in memory.
         device: where :meth:`pop` returns a target read from disk.
@@ -47,41 +50,44 @@ class TargetStore:
         self.on_disk = where == DISK
         self.device = device if self.on_disk else torch.device(where)
         self.memory_bytes = 0 if self.on_disk else memory_bytes
-        self._tensors: dict[str, torch.Tensor] = {}
-        self._files: dict[str, str] = {}
+        self._parts: dict[str, list[torch.Tensor | str]] = {}  # tensors in memory, paths of files
         self._folder: str | None = None
         self._in_memory_bytes = 0
+        self._written = 0
         if self.on_disk:
             self._folder = tempfile.mkdtemp(prefix="efficientq-targets-")
 
     def __contains__(self, name: str) -> bool:
-        return name in self._tensors or name in self._files
+        return name in self._parts
 
     def __len__(self) -> int:
-        return len(self._tensors) + len(self._files)
+        return len(self._parts)
 
     @property
     def files(self) -> int:
-        """How many targets wait in files."""
-        return len(self._files)
+        """How many targets wait in files (a part of them or all)."""
+        return sum(any(isinstance(p, str) for p in parts) for parts in self._parts.values())
 
     def put(self, name: str, output: torch.Tensor) -> None:
         """Keep a copy of ``output`` (a copy, not a view: in-place operations later in the forward must not change
-        it)."""
+        it); a second ``put`` of the same name adds the next part of its target."""
         size = output.numel() * output.element_size()
+        parts = self._parts.setdefault(name, [])
         if self.memory_bytes is not None and self._in_memory_bytes + size > self.memory_bytes:
-            if self._write(name, output):
+            path = self._write(output)
+            if path is not None:
+                parts.append(path)
                 return
-        self._tensors[name] = output.detach().to(self.device, copy=True)
+        parts.append(output.detach().to(self.device, copy=True))
         self._in_memory_bytes += size
 
-    def _write(self, name: str, output: torch.Tensor) -> bool:
-        """Write ``output`` to a new file of the store's folder; ``False`` (and no more files) if that fails, unless
+    def _write(self, output: torch.Tensor) -> str | None:
+        """Write ``output`` to a new file of the store's folder; ``None`` (and no more files) if that fails, unless
         every target must go to disk (``target_device="disk"``: the error is raised)."""
         try:
             if self._folder is None:
                 self._folder = tempfile.mkdtemp(prefix="efficientq-targets-")
-            path = os.path.join(self._folder, f"{len(self._files)}.pt")
+            path = os.path.join(self._folder, f"{self._written}.pt")
             torch.save(output.detach().to("cpu").contiguous(), path)
         except OSError as err:
             if self.on_disk:
@@ -91,31 +97,46 @@ class TargetStore:
                 "Set TMPDIR to a folder with free space to keep them in files.", err,
             )
             self.memory_bytes = None
-            return False
-        self._files[name] = path
-        return True
+            return None
+        self._written += 1
+        return path
+
+    def _read(self, part: torch.Tensor | str) -> torch.Tensor:
+        if isinstance(part, str):
+            return torch.load(part, map_location=self.device, weights_only=True)
+        return part
+
+    def _joined(self, parts: list[torch.Tensor | str]) -> torch.Tensor:
+        """The parts of a target joined along the first dimension, read one at a time into the joined tensor."""
+        if len(parts) == 1:
+            return self._read(parts[0])
+        first = self._read(parts[0])
+        joined = first.new_empty((first.shape[0] * len(parts), *first.shape[1:]))
+        rows = first.shape[0]
+        joined[:rows] = first
+        del first
+        for i, part in enumerate(parts[1:], start=1):
+            joined[i * rows : (i + 1) * rows] = self._read(part)
+        return joined
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        """The target of ``name``, kept in the store (read again from its file on disk)."""
-        if name in self._tensors:
-            return self._tensors[name]
-        return torch.load(self._files[name], map_location=self.device, weights_only=True)
+        """The target of ``name``, kept in the store (read again from its files on disk)."""
+        return self._joined(self._parts[name])
 
     def pop(self, name: str) -> torch.Tensor:
-        """The target of ``name``, removed from the store (its file deleted)."""
-        if name in self._tensors:
-            tensor = self._tensors.pop(name)
-            self._in_memory_bytes -= tensor.numel() * tensor.element_size()
-            return tensor
-        path = self._files.pop(name)
-        tensor = torch.load(path, map_location=self.device, weights_only=True)
-        os.remove(path)
-        return tensor
+        """The target of ``name``, removed from the store (its files deleted)."""
+        parts = self._parts.pop(name)
+        joined = self._joined(parts)
+        for part in parts:
+            if isinstance(part, str):
+                os.remove(part)
+            else:
+                self._in_memory_bytes -= part.numel() * part.element_size()
+        return joined
 
     def close(self) -> None:
         """Drop every target left and remove the folder."""
-        self._tensors.clear()
-        self._files.clear()
+        self._parts.clear()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None

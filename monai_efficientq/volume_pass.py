@@ -136,8 +136,9 @@ class VolumeByVolume:
             names = {name for name, _ in arrived}
             if len(arrived) != volumes or len(names) != 1:
                 raise VolumesDivergedError(
-                    f"the calibration volumes took different paths through the network (layers {sorted(names)}, "
-                    f"{volumes - len(arrived)} volume(s) finished): quantize them in one batch instead."
+                    f"the calibration volumes took a different path through the network (layers {sorted(names)}, "
+                    f"{volumes - len(arrived)} volume(s) finished): data-dependent control flow. Quantize on one "
+                    f"volume (calib_augment=0, holdout=False), or on a GPU, where the volumes run as one batch."
                 )
             name, layer = arrived[0]
             parts = self.solve(name, layer, joined)

@@ -94,7 +94,7 @@ def test_signed_activations_where_inputs_are_negative_and_original_clips():
 @pytest.mark.parametrize("where", ["cpu", "disk"])
 def test_targets_are_copies_not_views(where):
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv3d(4, 2, 1))
-    rec = _TargetRecorder({"0": net[0]}, TargetStore(where, torch.device("cpu")))
+    rec = _TargetRecorder({"0": net[0]}, TargetStore(where, torch.device("cpu")), net)
     with torch.no_grad():
         net(volume(8))
     rec.remove()

@@ -160,3 +160,22 @@ def test_default_targets_beyond_the_memory_budget_give_the_same_quantized_networ
     assert waiting is not None and 0 < int(waiting.group(1)) <= len(writes)
     assert set(_leftover_folders()) == before
     _assert_same_network(in_memory, split)
+
+
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+def test_a_target_put_in_parts_is_read_joined(where, tmp_path, monkeypatch):
+    """One part per calibration volume (the forward volume by volume): read back as one batch, files removed."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None
+    try:
+        store = TargetStore(where, torch.device("cpu"))
+        parts = [torch.randn(1, 2, 3) for _ in range(3)]
+        for part in parts:
+            store.put("a", part)
+        assert len(store) == 1 and store.files == (1 if where == "disk" else 0)
+        assert torch.equal(store["a"], torch.cat(parts))
+        assert torch.equal(store.pop("a"), torch.cat(parts)) and "a" not in store
+        assert glob.glob(str(tmp_path / "efficientq-targets-*" / "*.pt")) == []
+        store.close()
+    finally:
+        tempfile.tempdir = None

@@ -12,10 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from monai_efficientq import EfficientQConfig, quantize_network
+from monai_efficientq import EfficientQConfig, VolumesDivergedError, quantize_network
 from monai_efficientq import network as network_module
 from monai_efficientq import offload as offload_module
-from monai_efficientq.volume_pass import VolumesDivergedError
 from tests.nets import tiny_segresnet, tiny_unet_bn
 
 _SETTINGS = {"weight_bits": 2, "act_bits": 4, "iterations": 6, "progress": False, "calib_augment": 1}
@@ -26,23 +25,31 @@ def _leftover_folders() -> list[str]:
 
 
 @pytest.mark.parametrize("make", [tiny_unet_bn, tiny_segresnet])
-def test_volume_by_volume_gives_the_same_network_as_one_batch(make, monkeypatch, caplog):
+def test_volume_by_volume_matches_one_batch_and_files_change_nothing(make, monkeypatch, caplog):
+    """Volume by volume against one batched forward: the convolutions block one volume differently from a batch, so
+    the errors agree to the last digits, not bit for bit. With the activations in files against in memory (both
+    volume by volume): the same network bit for bit."""
     torch.manual_seed(0)
     net, calib = make().eval(), torch.randn(1, 16, 16, 16)
     with monkeypatch.context() as batched:
-        batched.setattr(network_module, "_runs_by_volume", lambda run, leading: False)
-        q_batch, rep_batch = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
+        batched.setattr(network_module, "_runs_by_volume", lambda device, x: False)
+        _, rep_batch = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
+    q_memory, rep_memory = quantize_network(net, calib, EfficientQConfig(**_SETTINGS, target_device="cpu"))
     monkeypatch.setattr(network_module, "ACTIVATION_BUDGET", 0)  # every waiting volume's activations to a file
     monkeypatch.setattr(offload_module, "MIN_BYTES", 0)
     threads, folders = threading.active_count(), set(_leftover_folders())
     with caplog.at_level("INFO", logger="monai_efficientq"):
-        q_volume, rep_volume = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
+        q_files, rep_files = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
     assert "went through temporary files" in caplog.text
     assert threading.active_count() == threads and set(_leftover_folders()) == folders
-    assert [r.error for r in rep_volume.layers] == [r.error for r in rep_batch.layers]
-    assert rep_volume.calib_agreement_dice == rep_batch.calib_agreement_dice
-    for a, b in zip(q_volume.state_dict().values(), q_batch.state_dict().values()):
+    assert [r.error for r in rep_files.layers] == [r.error for r in rep_memory.layers]
+    for a, b in zip(q_files.state_dict().values(), q_memory.state_dict().values()):
         assert torch.equal(a, b)
+    assert [r.name for r in rep_files.layers] == [r.name for r in rep_batch.layers]
+    # the first layers' inputs differ in the last bits only; a weight code that flips with them changes the inputs of
+    # every later layer (W2 on a random tiny network: the later errors move by up to half)
+    errors, batch_errors = [r.error for r in rep_files.layers], [r.error for r in rep_batch.layers]
+    assert errors[:8] == pytest.approx(batch_errors[:8], rel=1e-4)
 
 
 def test_an_error_in_the_pass_unwinds_every_volume(monkeypatch):
@@ -83,7 +90,7 @@ def test_volumes_that_take_different_paths_are_refused_with_the_reason():
     torch.manual_seed(0)
     calib = torch.stack([torch.rand(1, 8, 8, 8) + 1, -torch.rand(1, 8, 8, 8) - 0.5])  # means of opposite signs
     threads = threading.active_count()
-    with pytest.raises(VolumesDivergedError, match="different paths"):
+    with pytest.raises(VolumesDivergedError, match="different path through the network .*layer 'down' where the first called 'up'"):
         quantize_network(_ByMean(), calib, EfficientQConfig(weight_bits=4, iterations=2, progress=False,
                                                             calib_augment=0, holdout=False))
     assert threading.active_count() == threads
