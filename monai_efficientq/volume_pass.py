@@ -5,20 +5,19 @@ each volume's input to a layer comes through the already-quantized layers before
 layer together. A batched forward does that, but keeps every activation of the network (skip connections, residual
 identities, the output of every norm and activation) for all volumes at once: with the default two augmented copies
 three volumes' worth, more than twice a float forward on the one volume. :class:`VolumeByVolume` runs one forward per
-volume, each in its own thread, and lets one of them run at a time: a volume's forward pauses at each quantizable
-layer, hands its input over and waits; when all have arrived, the layer is solved on their inputs joined into one
-batch (the same batch a batched forward would give it), and each volume goes on with its own part of the output.
-While a volume waits, the activations it keeps are written to a temporary file and freed
-(:class:`~monai_efficientq.offload.ActivationOffload`). The threads never run torch operations at the same time.
+volume, each in its own greenlet (a coroutine with its own stack, on the caller's thread: the allocator sees one
+thread, and no two forwards ever run at the same time). A volume's forward pauses at each quantizable layer and
+hands its input over; when all volumes have arrived, the layer is solved on their inputs joined into one batch, and
+each volume goes on with its own part of the output. While a volume waits, the activations it keeps are written to a
+temporary file and freed (:class:`~monai_efficientq.offload.ActivationOffload`).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable
 from typing import Any
 
+import greenlet
 import torch
 from torch import nn
 
@@ -29,10 +28,6 @@ __all__ = ["VolumeByVolume", "VolumesDivergedError"]
 
 class VolumesDivergedError(RuntimeError):
     """The calibration volumes took different paths through the network (data-dependent control flow)."""
-
-
-class _Abort(BaseException):
-    """Raised inside a paused volume's forward to unwind it when the pass stops early."""
 
 
 #: Solves a layer for the joined input of all volumes and returns each volume's output: ``solve(name, layer, x)``.
@@ -52,82 +47,62 @@ class VolumeByVolume:
         self.net = net
         self.solve = solve
         self.offload = offload
-        self._local = threading.local()
-        self._to_main: queue.Queue = queue.Queue()
-        self._to_volume: list[queue.Queue] = []
-        self._running: int | None = None  # the volume whose forward runs now
+        self._volumes: dict[greenlet.greenlet, int] = {}
+        self._main: greenlet.greenlet | None = None
 
     def meet(self, name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Called by a volume's forward at layer ``name`` with its input: waits for the layer to be solved and returns
         this volume's part of its output (outside :meth:`run`, as a batch of its own)."""
-        volume = getattr(self._local, "volume", None)
-        if volume is None:
+        if greenlet.getcurrent() not in self._volumes:
             return self.solve(name, layer, x)[0]
-        self._to_main.put((volume, "layer", (name, layer, x)))
-        del x
-        reply = self._to_volume[volume].get()
-        if reply is _Abort:
-            raise _Abort
-        return reply
-
-    def _work(self, volume: int, x: torch.Tensor) -> None:
-        self._local.volume = volume
-        if self._to_volume[volume].get() is _Abort:
-            self._to_main.put((volume, "stopped", None))
-            return
-        try:
-            with torch.no_grad():
-                out = self.net(x)
-        except _Abort:
-            self._to_main.put((volume, "stopped", None))
-        except BaseException as err:  # handed to the main thread, which raises it
-            self._to_main.put((volume, "error", err))
-        else:
-            self._to_main.put((volume, "done", out))
+        return self._main.switch((name, layer, x))
 
     def run(self, x: torch.Tensor, volumes: int) -> list[Any]:
         """The network's outputs on each of the ``volumes`` equal parts of the batch ``x``, volume by volume."""
         rows = x.shape[0] // volumes
         if self.offload is not None:
             self.offload.keep([x])  # the volumes' first inputs are views of the batch: it stays
-        self._to_volume = [queue.Queue() for _ in range(volumes)]
-        threads = [
-            threading.Thread(target=self._work, args=(v, x[v * rows : (v + 1) * rows]), daemon=True,
-                             name=f"efficientq-volume-{v}")
-            for v in range(volumes)
-        ]
-        for thread in threads:
-            thread.start()
-        waiting = set(range(volumes))  # threads waiting for a reply (or to start)
+        self._main = greenlet.getcurrent()
+        forwards = []
+        for volume in range(volumes):
+            part = x[volume * rows : (volume + 1) * rows]
+            forwards.append(greenlet.greenlet(lambda part=part: self.net(part)))
+            self._volumes[forwards[-1]] = volume
         try:
-            return self._meetings(volumes, waiting)
+            with torch.no_grad():
+                return self._meetings(forwards)
         finally:
-            self._stop(waiting)
-            for thread in threads:
-                thread.join()
+            self._stop(forwards)
+            self._volumes.clear()
 
-    def _meetings(self, volumes: int, waiting: set[int]) -> list[Any]:
+    def _meetings(self, forwards: list[greenlet.greenlet]) -> list[Any]:
+        volumes = len(forwards)
         replies: list[Any] = [None] * volumes
         outputs: list[Any] = [None] * volumes
         while True:
             arrived: list[tuple[str, nn.Module]] = []
             joined: torch.Tensor | None = None
-            for volume in range(volumes):
+            for volume, forward in enumerate(forwards):
+                if forward.dead:
+                    continue
                 reply, replies[volume] = replies[volume], None
-                kind, payload = self._resume(volume, reply, waiting)
+                payload = self._resume(volume, forward, reply)
                 del reply
-                if kind == "done":
+                if forward.dead:
                     outputs[volume] = payload
                     continue
                 name, layer, x_part = payload
+                del payload
                 if joined is None:
                     joined = x_part.new_empty((x_part.shape[0] * volumes, *x_part.shape[1:]))
                 rows = x_part.shape[0]
                 if x_part.shape[1:] != joined.shape[1:] or rows * volumes != joined.shape[0]:
-                    raise VolumesDivergedError(f"the calibration volumes reached layer '{name}' with inputs of "
-                                               f"different shapes ({tuple(x_part.shape)} against {tuple(joined.shape)}).")
+                    raise VolumesDivergedError(
+                        f"the calibration volumes reached layer '{name}' with inputs of different shapes "
+                        f"({tuple(x_part.shape)} against {tuple(joined.shape)})."
+                    )
                 joined[volume * rows : (volume + 1) * rows] = x_part
-                del x_part, payload
+                del x_part
                 arrived.append((name, layer))
                 if self.offload is not None:
                     self.offload.store(volume)
@@ -146,38 +121,22 @@ class VolumeByVolume:
             replies = list(parts)
             del parts
 
-    def _resume(self, volume: int, reply: Any, waiting: set[int]) -> tuple[str, Any]:
-        """Let ``volume`` go on (with ``reply`` as its layer's output) until it reaches a layer or ends."""
+    def _resume(self, volume: int, forward: greenlet.greenlet, reply: Any) -> Any:
+        """Let ``volume``'s forward go on (with ``reply`` as its layer's output) until it reaches a layer (returns
+        what :meth:`meet` hands over) or ends (returns the network's output)."""
         if self.offload is not None:
             self.offload.restore(volume)
             self.offload.owner = volume
-        waiting.discard(volume)
-        self._running = volume
-        self._to_volume[volume].put(reply)
-        del reply
-        sender, kind, payload = self._to_main.get()
-        self._running = None
-        if self.offload is not None:
-            self.offload.owner = None
-        if kind == "layer":
-            waiting.add(sender)
-        if kind == "error":
-            raise payload
-        return kind, payload
-
-    def _stop(self, waiting: set[int]) -> None:
-        """Unwind every volume still waiting (after an error, an interrupt, or volumes that took different paths);
-        a volume interrupted while running is first let reach its next layer."""
-        if self._running is not None:
-            sender, kind, _ = self._to_main.get()
-            self._running = None
-            if kind == "layer":
-                waiting.add(sender)
-        if self.offload is not None:
-            self.offload.owner = None
-        for volume in sorted(waiting):
+        try:
+            return forward.switch(reply) if forward else forward.switch()
+        finally:
             if self.offload is not None:
-                self.offload.restore(volume)
-            self._to_volume[volume].put(_Abort)
-            self._to_main.get()
-        waiting.clear()
+                self.offload.owner = None
+
+    def _stop(self, forwards: list[greenlet.greenlet]) -> None:
+        """Unwind every volume still paused (after an error, an interrupt, or volumes that took different paths)."""
+        for volume, forward in enumerate(forwards):
+            if forward and not forward.dead:  # started and paused at a layer
+                if self.offload is not None:
+                    self.offload.restore(volume)
+                forward.throw(greenlet.GreenletExit)
