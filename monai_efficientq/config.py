@@ -243,9 +243,9 @@ class EfficientQConfig:
             their layer: ``None`` the solve device, on the CPU only the first 64 MiB of them and the later ones in
             temporary files; a device (``"cpu"``, ``"cuda"``) all of them there; ``"disk"`` all in files. Files live
             in a temporary folder (under ``TMPDIR``, removed at the end), and a target in a file is in memory only
-            while its layer is solved (:mod:`~monai_efficientq.targets`). On the CPU the quantizing pass runs the
-            calibration volumes one at a time, and beyond 64 MiB the activations of the volumes waiting at a layer
-            go to a temporary file too (:mod:`~monai_efficientq.volume_pass`), except with ``"cpu"``.
+            while its layer is solved (:mod:`~monai_efficientq.targets`). On the CPU the forwards run the calibration
+            volumes one at a time, and the activations of the volumes waiting at a layer of the quantizing pass go
+            to a temporary file too (:mod:`~monai_efficientq.volume_pass`), except with ``"cpu"``.
         chunk_bytes: memory bound of one im2col chunk when accumulating Gram matrices.
         act_fit_samples: at most this many values are used to fit an activation quantizer, and (for
             ``act_fit="output"``) the output errors that choose its range are measured on a regular sub-grid of

@@ -4,6 +4,11 @@ Order of work (as in the paper's Algorithm 1, layer by layer): fold BatchNorm, r
 prediction, then one forward pass in which every quantizable layer, when reached, fits its input quantizer
 on the input as it arrives through the already-quantized layers before it, solves its weights and passes its
 quantized output on.
+
+On the CPU a calibration batch of several volumes (the volume and its augmented copies) runs through every forward
+one volume at a time, which holds one volume's activations instead of all of theirs: the float forwards record each
+target in parts, and in the quantizing pass the volumes meet at each layer, which is solved on all their inputs
+joined (:mod:`~monai_efficientq.volume_pass`). On a GPU the batch runs as one.
 """
 
 from __future__ import annotations
@@ -51,10 +56,6 @@ from .volume_pass import VolumeByVolume, VolumesDivergedError
 __all__ = ["quantize_network", "prepare_calibration", "quantizable_layers", "LayerCalledTwiceError"]
 
 _logger = logging.getLogger("monai_efficientq")
-
-#: Bytes of activations that a calibration volume waiting at a layer of the volume-by-volume pass keeps in memory; when
-#: it holds more, they wait in a temporary file (:mod:`~monai_efficientq.offload`). Small runs write no file.
-ACTIVATION_BUDGET = 64 * 2**20
 
 _FLOAT_BY_DESIGN = (
     nn.modules.batchnorm._BatchNorm,
@@ -831,9 +832,9 @@ def _quantizing_forward(
     quantized layer (the float one if the pass failed before it). Returns the quantized network's output.
 
     ``by_volume``: the calibration volumes run one at a time (:mod:`~monai_efficientq.volume_pass`), the activations
-    of the waiting volumes in temporary files beyond :data:`ACTIVATION_BUDGET` bytes (unless ``target_device="cpu"``,
-    which keeps everything in memory); a layer still sees all volumes' inputs, joined along the first dimension as
-    its targets were (:class:`_TargetRecorder`)."""
+    of the waiting volumes in a temporary file (storages from :data:`~monai_efficientq.offload.MIN_BYTES` on; with
+    ``target_device="cpu"`` all in memory); a layer still sees all volumes' inputs, joined along the first dimension
+    as its targets were (:class:`_TargetRecorder`)."""
     for name in run.order:
         set_submodule(net, name, _PendingLayer(name, layers[name], run))
     offload = None
@@ -841,7 +842,7 @@ def _quantizing_forward(
         if not by_volume:
             return net(x)
         if run.cfg.target_device != "cpu":
-            offload = ActivationOffload(net, ACTIVATION_BUDGET)
+            offload = ActivationOffload(net)
         run.volume_pass = VolumeByVolume(net, run.quantize_layer_by_volume, offload)
         out = _joined_outputs(run.volume_pass.run(x, run.volumes))
         if offload is not None and offload.bytes_written:

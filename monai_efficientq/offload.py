@@ -28,7 +28,10 @@ __all__ = ["ActivationOffload"]
 
 logger = logging.getLogger(__name__)
 
-#: Storages smaller than this stay in memory (many small tensors cost more in file calls than they save).
+#: Storages smaller than this stay in memory (many small tensors cost more in file calls than they save; small runs,
+#: e.g. the tests, write no file). Every larger one goes to the file: a budget of 64 MiB kept in memory per volume
+#: left the UNet of BENCHMARKS.md §8 at 96³ with its inputs both in the volumes' forwards and joined for the solve,
+#: 155 MiB above the batched pass at its peak; without it, 38 MiB (within the run-to-run spread).
 MIN_BYTES = 2**20
 
 #: Bytes copied through the staging buffer at a time (storages are copied to and from the file in pieces this size).
@@ -58,12 +61,10 @@ class ActivationOffload:
 
     Args:
         net: the network whose modules' inputs and outputs are followed (hooks, removed by :meth:`close`).
-        budget_bytes: an owner's storages go to the file only when together they hold more than this (``0``: always).
         min_bytes: storages smaller than this stay in memory (``None``: :data:`MIN_BYTES`).
     """
 
-    def __init__(self, net: nn.Module, budget_bytes: int = 0, min_bytes: int | None = None) -> None:
-        self.budget_bytes = budget_bytes
+    def __init__(self, net: nn.Module, min_bytes: int | None = None) -> None:
         self.min_bytes = MIN_BYTES if min_bytes is None else min_bytes
         self.owner: int | None = None  # whose forward is running: the tensors seen now are its
         self.enabled = True
@@ -107,12 +108,12 @@ class ActivationOffload:
         return list(storages.values())
 
     def store(self, owner: int) -> int:
-        """Write ``owner``'s live storages to a file and free them; returns the bytes freed (0 when they are within
-        the budget, or the file could not be written: then they stay in memory, with a warning once)."""
+        """Write ``owner``'s live storages to a file and free them; returns the bytes freed (0 when it has none, or the
+        file could not be written: then they stay in memory, with a warning once)."""
         storages = self._storages(owner) if self.enabled else []
-        total = sum(s.nbytes() for s in storages)
-        if not storages or total <= self.budget_bytes:
+        if not storages:
             return 0
+        total = sum(s.nbytes() for s in storages)
         try:
             path = self._write(owner, storages)
         except OSError as err:

@@ -6,7 +6,9 @@ on a full-size calibration volume is several times the network's activations. ``
 each target to a file as it is recorded and reads it back when its layer is solved, so at most one target is in
 memory at a time; the files live in a private temporary folder (under ``TMPDIR``) that is removed when the pass
 ends, also on error. The default on the CPU keeps the first :data:`MEMORY_BUDGET` bytes of targets in memory and
-writes the later ones to files (all in memory again, with a warning, if a file cannot be written).
+writes the later ones to files (all in memory again, with a warning, if a file cannot be written). When the forward
+runs one calibration volume at a time, each target arrives in parts, kept (and written) separately and joined when
+its layer takes it.
 """
 
 from __future__ import annotations

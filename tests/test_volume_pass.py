@@ -35,8 +35,7 @@ def test_volume_by_volume_matches_one_batch_and_files_change_nothing(make, monke
         batched.setattr(network_module, "_runs_by_volume", lambda device, x: False)
         _, rep_batch = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
     q_memory, rep_memory = quantize_network(net, calib, EfficientQConfig(**_SETTINGS, target_device="cpu"))
-    monkeypatch.setattr(network_module, "ACTIVATION_BUDGET", 0)  # every waiting volume's activations to a file
-    monkeypatch.setattr(offload_module, "MIN_BYTES", 0)
+    monkeypatch.setattr(offload_module, "MIN_BYTES", 0)  # every waiting volume's activations to a file
     threads, folders = threading.active_count(), set(_leftover_folders())
     with caplog.at_level("INFO", logger="monai_efficientq"):
         q_files, rep_files = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
@@ -55,7 +54,6 @@ def test_volume_by_volume_matches_one_batch_and_files_change_nothing(make, monke
 def test_an_error_in_the_pass_unwinds_every_volume(monkeypatch):
     torch.manual_seed(0)
     net, calib = tiny_unet_bn().eval(), torch.randn(1, 16, 16, 16)
-    monkeypatch.setattr(network_module, "ACTIVATION_BUDGET", 0)
     monkeypatch.setattr(offload_module, "MIN_BYTES", 0)
     solved = []
     real_solve = network_module._QuantizingRun._solve_weights
