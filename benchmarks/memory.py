@@ -11,7 +11,8 @@ Each measurement runs in a fresh process, so its peak resident set size is its o
 and MONAI imports and the weights, measured separately as ``baseline``):
 
 - ``float_forward_1``: ``net(x)`` under ``no_grad`` on the one calibration volume;
-- ``float_forward_batch``: the same on the batch the quantizing pass runs (the volume and its augmented copies);
+- ``float_forward_batch``: the same on the batch of the volume and its augmented copies in one call (what a batched
+  pass holds; on the CPU the pass runs them one at a time);
 - ``quantize``: :func:`monai_efficientq.quantize_` with the given settings (``--eq_options`` for more fields, e.g.
   ``'{"target_device": "disk"}'``).
 

@@ -13,6 +13,7 @@ the CPU stay as they are.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -34,9 +35,6 @@ logger = logging.getLogger(__name__)
 #: 155 MiB above the batched pass at its peak; without it, 38 MiB (within the run-to-run spread).
 MIN_BYTES = 2**20
 
-#: Bytes copied through the staging buffer at a time (storages are copied to and from the file in pieces this size).
-_STAGING_BYTES = 16 * 2**20
-
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     """The tensors in ``obj`` (a tensor, or tuples, lists and dicts of them)."""
@@ -50,10 +48,10 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
-    """A flat uint8 tensor over ``storage`` (not through numpy: a storage exported to numpy can no longer be
-    resized)."""
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
+def _memory_of(storage: torch.UntypedStorage) -> ctypes.Array:
+    """The bytes of a CPU ``storage`` as a writable buffer, without a copy, for ``write`` and ``readinto`` (not through
+    numpy: a storage exported to numpy can no longer be resized). Valid while the storage keeps its size."""
+    return (ctypes.c_char * storage.nbytes()).from_address(storage.data_ptr())
 
 
 class ActivationOffload:
@@ -73,7 +71,6 @@ class ActivationOffload:
         self._seen: dict[int, list[weakref.ref]] = {}
         self._stored: dict[int, tuple[str, list[tuple[torch.UntypedStorage, int]]]] = {}
         self._folder: str | None = None
-        self._staging: torch.Tensor | None = None
         self._handles = []
         for module in net.modules():
             self._handles.append(module.register_forward_pre_hook(self._follow_inputs))
@@ -129,25 +126,13 @@ class ActivationOffload:
         self.bytes_written += total
         return total
 
-    def _staging_buffer(self) -> tuple[bytearray, torch.Tensor]:
-        if self._staging is None:
-            self._buffer = bytearray(_STAGING_BYTES)
-            self._staging = torch.frombuffer(self._buffer, dtype=torch.uint8)
-        return self._buffer, self._staging
-
     def _write(self, owner: int, storages: list[torch.UntypedStorage]) -> str:
         if self._folder is None:
             self._folder = tempfile.mkdtemp(prefix="efficientq-activations-")
         path = os.path.join(self._folder, f"{owner}.bin")
-        buffer, staging = self._staging_buffer()
         with open(path, "wb") as f:
             for storage in storages:
-                data = _as_bytes(storage)
-                for start in range(0, data.numel(), _STAGING_BYTES):
-                    piece = data[start : start + _STAGING_BYTES]
-                    staging[: piece.numel()].copy_(piece)
-                    f.write(memoryview(buffer)[: piece.numel()])
-                del data, piece
+                f.write(_memory_of(storage))
         return path
 
     def restore(self, owner: int) -> None:
@@ -155,17 +140,11 @@ class ActivationOffload:
         if owner not in self._stored:
             return
         path, storages = self._stored.pop(owner)
-        buffer, staging = self._staging_buffer()
         with open(path, "rb") as f:
             for storage, nbytes in storages:
                 storage.resize_(nbytes)
-                data = _as_bytes(storage)
-                for start in range(0, nbytes, _STAGING_BYTES):
-                    size = min(_STAGING_BYTES, nbytes - start)
-                    if f.readinto(memoryview(buffer)[:size]) != size:
-                        raise RuntimeError(f"the activation file {path} was cut short while the pass was paused.")
-                    data[start : start + size].copy_(staging[:size])
-                del data
+                if f.readinto(_memory_of(storage)) != nbytes:
+                    raise RuntimeError(f"the activation file {path} was cut short while the pass was paused.")
         os.remove(path)
 
     def close(self) -> None:
