@@ -245,7 +245,8 @@ class EfficientQConfig:
             in a temporary folder (under ``TMPDIR``, removed at the end), and a target in a file is in memory only
             while its layer is solved (:mod:`~monai_efficientq.targets`). On the CPU the forwards run the calibration
             volumes one at a time, and the activations of the volumes waiting at a layer of the quantizing pass go
-            to a temporary file too (:mod:`~monai_efficientq.volume_pass`), except with ``"cpu"``.
+            to a temporary file too (:mod:`~monai_efficientq.volume_pass`); ``"cpu"`` runs them as one batch with
+            everything in memory (the results differ from one volume at a time in the last bits).
         chunk_bytes: memory bound of one im2col chunk when accumulating Gram matrices.
         act_fit_samples: at most this many values are used to fit an activation quantizer, and (for
             ``act_fit="output"``) the output errors that choose its range are measured on a regular sub-grid of

@@ -45,10 +45,10 @@ from .layers import (
 )
 from .mixed import WidthAllocation, allocate_widths, enforce_budget
 from .modules import QuantizedMixin, QuantizedNetInfo, build_quantized, quantization_info, set_quantization_info
+from .offload import ActivationOffload
 from .quantizer import ActQuantizer, UniformGrid
 from .report import LayerRecord, QuantizationReport
 from .solver import CODE_GRAM_MAX_COLUMNS, LayerSolution, LayerSolver, SolverSettings
-from .offload import ActivationOffload
 from .targets import MEMORY_BUDGET, TargetStore
 from .timing import PhaseTimer, peak_memory
 from .volume_pass import VolumeByVolume, VolumesDivergedError
@@ -731,7 +731,7 @@ def _quantize_with_targets(
         )
         float_bytes = _state_bytes(net)
         # without BatchNorm, folding changes nothing: its float forward records the targets too (one forward less)
-        volumes = x.shape[0] if _runs_by_volume(device, x) else 1  # forwards one volume at a time, or one batch
+        volumes = x.shape[0] if _runs_by_volume(device, x, cfg.target_device) else 1  # one volume at a time, or a batch
         layers = quantizable_layers(net, cfg.skip_layers)
         early = None if has_batchnorm(net) else _TargetRecorder(layers, targets, net)
         try:
@@ -832,23 +832,23 @@ def _quantizing_forward(
     quantized layer (the float one if the pass failed before it). Returns the quantized network's output.
 
     ``by_volume``: the calibration volumes run one at a time (:mod:`~monai_efficientq.volume_pass`), the activations
-    of the waiting volumes in a temporary file (storages from :data:`~monai_efficientq.offload.MIN_BYTES` on; with
-    ``target_device="cpu"`` all in memory); a layer still sees all volumes' inputs, joined along the first dimension
-    as its targets were (:class:`_TargetRecorder`)."""
+    of the waiting volumes in a temporary file (storages from :data:`~monai_efficientq.offload.MIN_BYTES` on); a
+    layer still sees all volumes' inputs, joined along the first dimension as its targets were
+    (:class:`_TargetRecorder`)."""
     for name in run.order:
         set_submodule(net, name, _PendingLayer(name, layers[name], run))
     offload = None
     try:
         if not by_volume:
             return net(x)
-        if run.cfg.target_device != "cpu":
-            offload = ActivationOffload(net)
+        offload = ActivationOffload(net)
         run.volume_pass = VolumeByVolume(net, run.quantize_layer_by_volume, offload)
         out = _joined_outputs(run.volume_pass.run(x, run.volumes))
-        if offload is not None and offload.bytes_written:
+        if offload.bytes_written:
             run.log.info(
                 "The quantizing pass ran the %d calibration volumes one at a time; %.1f MiB of activations of the "
-                "waiting volumes went through temporary files (target_device='cpu' keeps them in memory).",
+                "waiting volumes went through temporary files (target_device='cpu' runs them as one batch, all in "
+                "memory).",
                 run.volumes, offload.bytes_written / 2**20,
             )
         return out
@@ -862,11 +862,12 @@ def _quantizing_forward(
             set_submodule(net, name, run.quantized.get(name, layers[name]))
 
 
-def _runs_by_volume(device: torch.device, x: torch.Tensor) -> bool:
+def _runs_by_volume(device: torch.device, x: torch.Tensor, target_device: str | None) -> bool:
     """Whether the float forwards and the quantizing pass run the calibration batch ``x`` one volume at a time: on
     the CPU, where memory is what runs out first (a batched forward keeps every activation of all the volumes at
-    once), with more than one volume. On a GPU the batch runs as one."""
-    return device.type == "cpu" and x.shape[0] > 1
+    once), with more than one volume, unless ``target_device="cpu"`` asks to keep everything in memory (one batch, as
+    before this existed: the same codes bit for bit). On a GPU the batch runs as one."""
+    return device.type == "cpu" and x.shape[0] > 1 and target_device != "cpu"
 
 
 def _float_forward(net: nn.Module, x: torch.Tensor, volumes: int) -> Any:

@@ -147,7 +147,9 @@ def test_default_targets_beyond_the_memory_budget_give_the_same_quantized_networ
     from monai_efficientq import network as network_module
 
     net, calib = _tiny_case()
-    in_memory = quantize_network(net, calib, EfficientQConfig(**_SETTINGS, target_device="cpu"))
+    with monkeypatch.context() as all_in_memory:
+        all_in_memory.setattr(network_module, "MEMORY_BUDGET", 2**40)
+        in_memory = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
     monkeypatch.setattr(network_module, "MEMORY_BUDGET", 200_000)  # the first few targets, not all
     writes = []
     real_save = torch.save

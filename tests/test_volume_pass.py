@@ -26,15 +26,15 @@ def _leftover_folders() -> list[str]:
 
 @pytest.mark.parametrize("make", [tiny_unet_bn, tiny_segresnet])
 def test_volume_by_volume_matches_one_batch_and_files_change_nothing(make, monkeypatch, caplog):
-    """Volume by volume against one batched forward: the convolutions block one volume differently from a batch, so
-    the errors agree to the last digits, not bit for bit. With the activations in files against in memory (both
-    volume by volume): the same network bit for bit."""
+    """Volume by volume against one batched forward (``target_device="cpu"``): the convolutions block one volume
+    differently from a batch, so the errors agree to the last digits, not bit for bit. With the activations in files
+    against in memory (both volume by volume): the same network bit for bit."""
     torch.manual_seed(0)
     net, calib = make().eval(), torch.randn(1, 16, 16, 16)
-    with monkeypatch.context() as batched:
-        batched.setattr(network_module, "_runs_by_volume", lambda device, x: False)
-        _, rep_batch = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
-    q_memory, rep_memory = quantize_network(net, calib, EfficientQConfig(**_SETTINGS, target_device="cpu"))
+    _, rep_batch = quantize_network(net, calib, EfficientQConfig(**_SETTINGS, target_device="cpu"))
+    with monkeypatch.context() as in_memory:
+        in_memory.setattr(offload_module, "MIN_BYTES", 2**40)  # no storage goes to the file
+        q_memory, rep_memory = quantize_network(net, calib, EfficientQConfig(**_SETTINGS))
     monkeypatch.setattr(offload_module, "MIN_BYTES", 0)  # every waiting volume's activations to a file
     threads, folders = threading.active_count(), set(_leftover_folders())
     with caplog.at_level("INFO", logger="monai_efficientq"):
