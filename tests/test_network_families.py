@@ -301,11 +301,18 @@ class _SequenceFirstLinear(nn.Module):
 
 
 def test_a_layer_whose_volumes_cannot_be_told_apart_is_fitted_on_all_of_them_with_a_warning(caplog):
+    """Batched (``target_device="cpu"``), a sequence-first layer mixes the volumes in its leading dimension; one volume
+    at a time (the CPU default) their outputs are joined volume after volume, and the last one is held out."""
     torch.manual_seed(0)
     x = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(0))  # 25 tokens: no multiple of 2 volumes
-    cfg = EfficientQConfig(weight_bits=4, act_bits=4, first_last_bits=None, iterations=3, calib_augment=1,
-                           progress=False)
+    settings = {"weight_bits": 4, "act_bits": 4, "first_last_bits": None, "iterations": 3, "calib_augment": 1,
+                "progress": False}
     with caplog.at_level(logging.WARNING, logger="monai_efficientq"):
-        _, report = quantize_network(_SequenceFirstLinear().eval(), x, cfg)
+        _, report = quantize_network(_SequenceFirstLinear().eval(), x, EfficientQConfig(**settings, target_device="cpu"))
     assert any("linear" in r.getMessage() and "cannot be told apart" in r.getMessage() for r in caplog.records)
     assert report.layers[0].held_out_error is None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="monai_efficientq"):
+        _, report = quantize_network(_SequenceFirstLinear().eval(), x, EfficientQConfig(**settings))
+    assert not any("cannot be told apart" in r.getMessage() for r in caplog.records)
+    assert report.layers[0].held_out_error is not None
