@@ -872,10 +872,7 @@ def _runs_by_volume(device: torch.device, x: torch.Tensor, target_device: str | 
 
 def _float_forward(net: nn.Module, x: torch.Tensor, volumes: int) -> Any:
     """``net(x)``, one of ``volumes`` equal parts of ``x`` at a time, the outputs joined as one batch's."""
-    if volumes == 1:
-        return net(x)
-    rows = x.shape[0] // volumes
-    return _joined_outputs([net(x[v * rows : (v + 1) * rows]) for v in range(volumes)])
+    return _joined_outputs([net(part) for part in x.split(x.shape[0] // volumes)])
 
 
 def _joined_outputs(outputs: list[Any]) -> Any:
@@ -966,10 +963,10 @@ def _fold(
     is: a folded float conv would get a bias that the float network definition does not have); returns the pairs,
     the float output on ``x`` (``volumes`` forwards: the pairs are found on the first) and copies of the modules as
     they were before folding, by name."""
-    rows = x.shape[0] // volumes
+    parts = x.split(x.shape[0] // volumes)
     try:
-        pairs, first = find_conv_bn_pairs(net, x[:rows])
-        output = _joined_outputs([first] + [net(x[v * rows : (v + 1) * rows]) for v in range(1, volumes)])
+        pairs, first = find_conv_bn_pairs(net, parts[0])
+        output = _joined_outputs([first] + [net(part) for part in parts[1:]])
         del first
     except (LayerCalledTwiceError, VolumesDivergedError):  # raised by a target recorder running in the same forward
         raise

@@ -47,33 +47,24 @@ class VolumeByVolume:
         self.net = net
         self.solve = solve
         self.offload = offload
-        self._volumes: dict[greenlet.greenlet, int] = {}
         self._main: greenlet.greenlet | None = None
 
     def meet(self, name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Called by a volume's forward at layer ``name`` with its input: waits for the layer to be solved and returns
-        this volume's part of its output (outside :meth:`run`, as a batch of its own)."""
-        if greenlet.getcurrent() not in self._volumes:
-            return self.solve(name, layer, x)[0]
+        """Called by a volume's forward (inside :meth:`run`) at layer ``name`` with its input: waits for the layer to be
+        solved and returns this volume's part of its output."""
         return self._main.switch((name, layer, x))
 
     def run(self, x: torch.Tensor, volumes: int) -> list[Any]:
         """The network's outputs on each of the ``volumes`` equal parts of the batch ``x``, volume by volume."""
-        rows = x.shape[0] // volumes
         if self.offload is not None:
             self.offload.keep([x])  # the volumes' first inputs are views of the batch: it stays
         self._main = greenlet.getcurrent()
-        forwards = []
-        for volume in range(volumes):
-            part = x[volume * rows : (volume + 1) * rows]
-            forwards.append(greenlet.greenlet(lambda part=part: self.net(part)))
-            self._volumes[forwards[-1]] = volume
+        forwards = [greenlet.greenlet(lambda part=part: self.net(part)) for part in x.split(x.shape[0] // volumes)]
         try:
             with torch.no_grad():
                 return self._meetings(forwards)
         finally:
             self._stop(forwards)
-            self._volumes.clear()
 
     def _meetings(self, forwards: list[greenlet.greenlet]) -> list[Any]:
         volumes = len(forwards)
